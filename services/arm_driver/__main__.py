@@ -1,0 +1,76 @@
+"""Arm driver process: `python -m services.arm_driver --robot.type=... | --teleop.type=...`.
+
+Builds the device, connects it without prompting, serves metrics and runs the role's control
+loop on a dedicated thread until SIGTERM/SIGINT. Exit codes: 0 clean stop, 2 bad flags,
+78 configuration error (bus map, device config), 69 device unavailable, 70 loop crashed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from services import metrics
+from services.arm_driver.config import argv_with_environment, parse_driver_args
+from services.arm_driver.devices import DeviceError, connect_device, make_device
+from services.arm_driver.follower import run_follower
+from services.arm_driver.leader import run_leader
+from services.bus import BusConfigError, load_bus_map
+from services.logs import setup_logging
+
+EXIT_CONFIG = 78
+EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70
+log = logging.getLogger("rdv.arm_driver")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    role = "follower" if any(arg.startswith("--robot.") for arg in argv) else "leader"
+    config = parse_driver_args(argv_with_environment(argv, f"{role}_arm"))
+    setup_logging(config.log_level, config.process)
+    try:
+        bus = load_bus_map(config.bus_config, run_dir=config.run_dir)
+        device = make_device(config.device)
+    except (BusConfigError, DeviceError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    try:
+        connect_device(device)
+    except DeviceError as exc:
+        log.error("%s", exc)
+        return EXIT_UNAVAILABLE
+    log.info("%s connected as %s (station %s)", config.device.type, config.role, config.station)
+    metrics.serve_metrics(config.metrics_port or bus.metrics_port(config.process))
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    loop = run_follower if config.role == "follower" else run_leader
+    failure: list[BaseException] = []
+
+    def control() -> None:
+        try:
+            loop(config, device, bus, stop)
+        except BaseException as exc:
+            failure.append(exc)
+            log.exception("control loop crashed")
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=control, name=f"{config.role}-control")
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short joins keep the main thread responsive to signals
+    try:
+        device.disconnect()
+    except Exception as exc:
+        log.warning("disconnect failed: %s", exc)
+    log.info("stopped")
+    return EXIT_SOFTWARE if failure else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Follower role: apply `joints.command` under every safety rule, publish `joints.follower`.
+
+Commands are applied as soon as they arrive (latency is a feature); the fixed-rate tick checks
+the deadman, reads the arm and publishes its state. Every goal sent to the device comes from
+`FollowerSafety`: this module must never send the device a position it did not approve.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from services import metrics
+from services.arm_driver.config import DriverConfig
+from services.arm_driver.devices import joint_keys, joint_limits, set_torque
+from services.arm_driver.safety import FollowerSafety, SafetyConfig, Step
+from services.arm_driver.ticker import Ticker
+from services.bus import BusMap, FollowerFrame, FrameError, Publisher, Subscriber
+from services.bus.health import HealthBeat
+
+log = logging.getLogger(__name__)
+STATES = ("waiting", "ramping", "tracking", "stale", "estop")
+
+
+class FollowerLoop:
+    def __init__(self, config: DriverConfig, device: Any, bus: BusMap) -> None:
+        self.config = config
+        self.device = device
+        self.keys = joint_keys(device)
+        self.safety_config = SafetyConfig(
+            limits=joint_limits(device, self.keys, config.joint_limits),
+            rate_hz=config.rate_hz,
+            max_step=config.max_step,
+            ramp_step=config.ramp_step,
+            ramp_done=config.ramp_done,
+            max_command_age_s=config.max_command_age_s,
+            command_timeout_s=config.command_timeout_s,
+        )
+        self.measured = self._read()
+        self.safety = FollowerSafety(self.safety_config, self.measured)
+        self.subscriber = Subscriber(
+            bus, ["joints.command"], joint_count=len(self.keys), on_drop=self._on_invalid
+        )
+        self.publisher = Publisher(bus, config.process)
+        self.health = HealthBeat(self.publisher, config.station, config.process)
+        self.ticker = Ticker(config.rate_hz)
+        self.torque_on = True
+        self.sent_goal: tuple[float, ...] | None = None
+        self.device_errors = 0
+        self._set_state_gauge("waiting")
+
+    def run(self, stop: threading.Event) -> None:
+        log.info(
+            "follower: %d joints, command timeout %.0f ms, max step %g per tick at %g Hz",
+            len(self.keys),
+            self.safety_config.command_timeout_s * 1000,
+            self.safety_config.max_step,
+            self.safety_config.rate_hz,
+        )
+        overruns = 0
+        try:
+            while not stop.is_set():
+                received = self.subscriber.recv(timeout_ms=self.ticker.remaining_s() * 1000)
+                got_command = False
+                if received is not None:
+                    batch = [received, *self.subscriber.drain()]
+                    now_ns = time.time_ns()
+                    for item in batch:
+                        reason = self.safety.offer(item.frame, now_ns)
+                        if reason is None:
+                            got_command = True
+                        else:
+                            metrics.COMMANDS_REJECTED.labels(reason=reason).inc()
+                tick = self.ticker.due()
+                if got_command or tick:
+                    self._apply(self.safety.step(self.measured, time.time_ns()))
+                if tick:
+                    self.measured = self._read()
+                    self._publish_state()
+                    self.ticker.advance()
+                    if self.ticker.overruns > overruns:
+                        metrics.LOOP_OVERRUNS.labels(loop="follower").inc(
+                            self.ticker.overruns - overruns
+                        )
+                        overruns = self.ticker.overruns
+        finally:
+            self._hold_on_exit()
+            self.subscriber.close()
+            self.publisher.close()
+
+    def _apply(self, step: Step) -> None:
+        previous_state = self.safety_state
+        self.safety_state = step.state
+        if step.state != previous_state:
+            self._set_state_gauge(step.state)
+            log.info("follower: %s -> %s", previous_state, step.state)
+        if step.tripped:
+            metrics.WATCHDOG_TRIPS.inc()
+            log.warning(
+                "follower: no fresh command for %.0f ms, holding position",
+                self.safety_config.command_timeout_s * 1000,
+            )
+        holding = step.state in ("stale", "estop")
+        if holding and self.config.torque_policy == "release":
+            if self.torque_on and self._try(lambda: set_torque(self.device, False), "torque"):
+                self.torque_on = False
+            return
+        if step.state == "waiting":
+            return  # never commanded: leave the arm exactly as connect() left it
+        if not self.torque_on and self._try(lambda: set_torque(self.device, True), "torque"):
+            self.torque_on = True
+        if step.goal != self.sent_goal:
+            action = dict(zip(self.keys, step.goal, strict=True))
+            if self._try(lambda: self.device.send_action(action), "write"):
+                self.sent_goal = step.goal
+                if step.applied is not None:
+                    latency_s = (time.time_ns() - step.applied.t) / 1e9
+                    metrics.CONTROL_LATENCY.observe(max(0.0, latency_s))
+
+    safety_state = "waiting"
+
+    def _read(self) -> tuple[float, ...]:
+        try:
+            observation = self.device.get_observation()
+            return tuple(float(observation[key]) for key in self.keys)
+        except Exception as exc:
+            self._device_error("read", exc)
+            return self.measured
+
+    def _publish_state(self) -> None:
+        applied = self.safety.last_applied
+        frame = FollowerFrame(
+            seq=self.publisher.next_seq(),
+            t=time.time_ns(),
+            src=self.config.station,
+            pos=self.measured,
+            goal=self.safety.goal,
+            state=self.safety_state,
+            cmd_seq=-1 if applied is None else applied.seq,
+            cmd_t=0 if applied is None else applied.t,
+        )
+        self.publisher.send("joints.follower", frame)
+        self.health.maybe_send(
+            role="follower",
+            state=self.safety_state,
+            torque=self.torque_on,
+            rate_hz=self.config.rate_hz,
+            overruns=self.ticker.overruns,
+            device_errors=self.device_errors,
+        )
+
+    def _hold_on_exit(self) -> None:
+        """On a clean stop the arm holds where it is rather than finishing its last motion."""
+        if self.safety_state in ("ramping", "tracking"):
+            hold = dict(zip(self.keys, self._read(), strict=True))
+            self._try(lambda: self.device.send_action(hold), "write")
+
+    def _try(self, action, op: str) -> bool:
+        try:
+            action()
+        except Exception as exc:  # a serial hiccup must not end the control loop
+            self._device_error(op, exc)
+            return False
+        return True
+
+    def _device_error(self, op: str, exc: Exception) -> None:
+        self.device_errors += 1
+        metrics.DEVICE_ERRORS.labels(op=op).inc()
+        if self.device_errors == 1 or self.device_errors % 100 == 0:
+            log.warning("follower: device %s failed (%d so far): %s", op, self.device_errors, exc)
+
+    def _on_invalid(self, _topic: str, _error: FrameError) -> None:
+        metrics.COMMANDS_REJECTED.labels(reason="invalid").inc()
+
+    def _set_state_gauge(self, state: str) -> None:
+        for name in STATES:
+            metrics.FOLLOWER_STATE.labels(state=name).set(1 if name == state else 0)
+
+
+def run_follower(config: DriverConfig, device: Any, bus: BusMap, stop: threading.Event) -> None:
+    FollowerLoop(config, device, bus).run(stop)
