@@ -208,12 +208,14 @@ def parse_driver_args(
     parser = parser or build_parser()
     device_options, rest = _split_device_options(argv)
     args = parser.parse_args(rest)
-    kinds = [kind for kind in ("robot", "teleop") if getattr(args, f"{kind}_type")]
+    kinds = [kind for kind in ("robot", "teleop") if getattr(args, f"{kind}_type", None)]
     if len(kinds) != 1:
         parser.error("give exactly one of --robot.type (follower) or --teleop.type (leader)")
     kind = kinds[0]
     other = "teleop" if kind == "robot" else "robot"
-    if device_options[other] or getattr(args, f"{other}_port") or getattr(args, f"{other}_id"):
+    if device_options[other] or any(
+        getattr(args, f"{other}_{name}", None) for name in ("type", "port", "id")
+    ):
         parser.error(f"--{other}.* flags given to a {kind} driver")
     if args.rate_hz <= 0 or args.rate_hz > 1000:
         parser.error("--rate must be in (0, 1000] Hz")

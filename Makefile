@@ -1,0 +1,29 @@
+# Two commands, from a fresh Debian checkout: `make demo` runs the demo, `make test` runs the
+# tests. Both install what they need first (scripts/setup.sh); it is quick when nothing changed.
+VENV ?= .venv
+export RDV_VENV := $(VENV)
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint unit clean
+
+$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+demo: setup
+	$(BIN)/rdv demo
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,215 @@
+"""`rdv`: the one command-line front of rdv. Stations run under supervisord, as in production.
+
+`rdv robot` / `rdv teleop` run a station in the foreground from deploy/*.conf with your device
+flags; `rdv local` runs a sim leader driving a sim follower on one machine and shows live status;
+`rdv demo` is the quick-start demo. This module starts and stops processes; it must never talk
+to an arm itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.arm_driver.config import (
+    add_control_flags,
+    add_device_flags,
+    add_station_flags,
+    parse_driver_args,
+)
+from services.bus.config import REPO_ROOT
+from services.status import watch
+
+DEPLOY_DIR = REPO_ROOT / "deploy"
+STATIONS = {
+    # command: (supervisord config, run dir name, device kind, process)
+    "robot": ("robot.conf", "robot", "robot", "follower_arm"),
+    "teleop": ("teleop.conf", "teleop", "teleop", "leader_arm"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rdv",
+        description="rdv (robot rendez-vous): teleoperate LeRobot arms. Each station is a set of "
+        "small processes run by supervisord and joined by a local ZeroMQ bus.",
+        epilog="Run `rdv COMMAND --help` for a command's flags. Every service also runs alone as "
+        "`python -m services.<name> --help`.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, (conf, _, kind, _) in STATIONS.items():
+        what = "follower arm" if kind == "robot" else "leader arm"
+        commands.add_parser(
+            name,
+            parents=[station_flags(kind)],
+            help=f"run the {name} station ({what}) in the foreground",
+            description=f"Run the {name} station in the foreground under supervisord "
+            f"(deploy/{conf}); Ctrl-C stops it. The device defaults to the built-in sim; the "
+            f"flags below go to its arm driver. Logs: run/{name}/.",
+        )
+
+    for name, summary in (
+        ("local", "run a sim leader driving a sim follower on this machine, with live status"),
+        ("demo", "the quick-start demo (today: the local station, see README)"),
+    ):
+        local = commands.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}. The station runs under supervisord "
+            "(deploy/local.conf, logs in run/local/); the status line compares what the leader "
+            "sent with what the follower did. Ctrl-C stops everything.",
+        )
+        local.add_argument(
+            "--seconds",
+            type=float,
+            default=None,
+            help="stop after this many seconds (default: run until Ctrl-C)",
+        )
+        _add_port_offset(local)
+
+    status = commands.add_parser(
+        "watch",
+        help="show live status of a running station's arms",
+        description="Subscribe to a running station's bus and print the leader/follower status "
+        "once a second.",
+    )
+    status.add_argument(
+        "--station",
+        default="local",
+        help="which station under run/ to watch: local, robot or teleop (default: %(default)s)",
+    )
+    status.add_argument(
+        "--seconds", type=float, default=None, help="stop after this many seconds (default: never)"
+    )
+    return parser
+
+
+def station_flags(kind: str) -> argparse.ArgumentParser:
+    """The flags of `rdv robot`/`rdv teleop`: the arm driver's, plus the port offset."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_device_flags(flags, kind)
+    add_control_flags(flags)
+    add_station_flags(flags)
+    _add_port_offset(flags)
+    return flags
+
+
+def _add_port_offset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=int(os.environ.get("RDV_PORT_OFFSET", "0")),
+        help="added to every metrics and tcp bus port of the station, so two stations can "
+        "share a machine (default: $RDV_PORT_OFFSET or %(default)s)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if args.command in STATIONS:
+        return run_station(args.command, argv[1:], args.port_offset)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("local", "demo"):
+        return run_local(args.seconds, args.port_offset)
+    if args.command == "watch":
+        return watch(REPO_ROOT / "run" / args.station, seconds=args.seconds)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def run_station(name: str, argv: list[str], port_offset: int) -> int:
+    conf, run_name, kind, process = STATIONS[name]
+    flags = _without_port_offset(argv)
+    # Validate now so a typo fails here, not in a restart loop; later flags win over the
+    # config's own defaults (--robot.type=sim) because they are appended after them.
+    has_type = any(flag.startswith(f"--{kind}.type") for flag in flags)
+    checker = argparse.ArgumentParser(prog=f"rdv {name}", parents=[station_flags(kind)])
+    parse_driver_args(flags if has_type else [f"--{kind}.type=sim", *flags], checker)
+    env = {f"RDV_{process.upper()}_ARGS": shlex.join(flags), "RDV_PORT_OFFSET": str(port_offset)}
+    print(f"rdv: {name} station starting (deploy/{conf}); logs in run/{run_name}/; Ctrl-C stops")
+    supervisord = start_supervisord(DEPLOY_DIR / conf, env)
+    return _wait_foreground(supervisord, seconds=None)
+
+
+def run_local(seconds: float | None, port_offset: int) -> int:
+    print("rdv: local station starting (deploy/local.conf): sim leader -> bus -> sim follower")
+    print(f"rdv: logs in run/local/, metrics on http://127.0.0.1:{9702 + port_offset}/metrics")
+    supervisord = start_supervisord(
+        DEPLOY_DIR / "local.conf", {"RDV_PORT_OFFSET": str(port_offset)}
+    )
+    try:
+        watch(
+            REPO_ROOT / "run" / "local", seconds=seconds, alive=lambda: supervisord.poll() is None
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_supervisord(supervisord)
+    return 0 if supervisord.returncode in (0, -signal.SIGTERM) else 1
+
+
+def start_supervisord(conf: Path, env: dict[str, str]) -> subprocess.Popen:
+    (REPO_ROOT / "run" / conf.stem).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [supervisord_path(), "-c", str(conf)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL if conf.stem == "local" else None,
+        stderr=subprocess.STDOUT if conf.stem == "local" else None,
+    )
+
+
+def stop_supervisord(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def supervisord_path() -> str:
+    beside = Path(sys.executable).parent / "supervisord"
+    found = str(beside) if beside.exists() else shutil.which("supervisord")
+    if not found:
+        raise SystemExit("rdv: supervisord not found; run `make setup` (it installs supervisor)")
+    return found
+
+
+def _wait_foreground(process: subprocess.Popen, seconds: float | None) -> int:
+    deadline = None if seconds is None else time.monotonic() + seconds
+    try:
+        while process.poll() is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_supervisord(process)
+    return 0
+
+
+def _without_port_offset(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--port-offset":
+            skip = True
+        elif not item.startswith("--port-offset="):
+            out.append(item)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
