@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def station_flags(kind: str) -> argparse.ArgumentParser:
     """The flags of `rdv robot`/`rdv teleop`: the arm driver's, plus the port offset."""
     flags = argparse.ArgumentParser(add_help=False)
-    add_device_flags(flags, kind)
+    add_device_flags(flags, kind, default_type="sim")
     add_control_flags(flags)
     add_station_flags(flags)
     _add_port_offset(flags)
@@ -133,9 +133,8 @@ def run_station(name: str, argv: list[str], port_offset: int) -> int:
     flags = _without_port_offset(argv)
     # Validate now so a typo fails here, not in a restart loop; later flags win over the
     # config's own defaults (--robot.type=sim) because they are appended after them.
-    has_type = any(flag.startswith(f"--{kind}.type") for flag in flags)
     checker = argparse.ArgumentParser(prog=f"rdv {name}", parents=[station_flags(kind)])
-    parse_driver_args(flags if has_type else [f"--{kind}.type=sim", *flags], checker)
+    parse_driver_args(flags, checker)
     env = {f"RDV_{process.upper()}_ARGS": shlex.join(flags), "RDV_PORT_OFFSET": str(port_offset)}
     print(f"rdv: {name} station starting (deploy/{conf}); logs in run/{run_name}/; Ctrl-C stops")
     supervisord = start_supervisord(DEPLOY_DIR / conf, env)

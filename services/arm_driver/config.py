@@ -56,7 +56,10 @@ class DriverConfig:
         return f"{self.role}_arm"
 
 
-def add_device_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+def add_device_flags(
+    parser: argparse.ArgumentParser, kind: str, default_type: str | None = None
+) -> None:
+    """--<kind>.type/.port/.id. With default_type None the type is required (the driver)."""
     what = "follower arm (robot side)" if kind == "robot" else "leader arm (teleop side)"
     sim = "sim_so101_follower" if kind == "robot" else "sim_so101_leader"
     lerobot = "so101_follower" if kind == "robot" else "so101_leader"
@@ -74,17 +77,22 @@ def add_device_flags(parser: argparse.ArgumentParser, kind: str) -> None:
         f"--{kind}.type",
         dest=f"{kind}_type",
         metavar="TYPE",
+        default=default_type,
         help=f"device type: 'sim' or '{sim}' (built in, no LeRobot needed), or a LeRobot type "
-        f"such as '{lerobot}' (needs `pip install rdv[lerobot]`)",
+        f"such as '{lerobot}' (needs `pip install rdv[lerobot]`) "
+        + (f"(default: {default_type})" if default_type else "(no default: give it)"),
     )
     group.add_argument(
-        f"--{kind}.port", dest=f"{kind}_port", metavar="PORT", help="serial port, e.g. /dev/ttyACM0"
+        f"--{kind}.port",
+        dest=f"{kind}_port",
+        metavar="PORT",
+        help="serial port, e.g. /dev/ttyACM0 (default: none; sims need none)",
     )
     group.add_argument(
         f"--{kind}.id",
         dest=f"{kind}_id",
         metavar="ID",
-        help="device id; LeRobot picks the calibration file by it (default: the type's own)",
+        help="device id; LeRobot picks the calibration file by it (default: the type's own id)",
     )
 
 
@@ -179,7 +187,7 @@ def add_station_flags(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="(default: $RDV_LOG_LEVEL or %(default)s)",
+        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
     )
 
 

@@ -85,9 +85,10 @@ class BusMap:
         if self.transport == "tcp":
             return f"tcp://127.0.0.1:{spec.bus_port + self.port_offset}"
         path = self.run_dir / f"{spec.name}.sock"
-        if len(str(path)) > MAX_IPC_PATH:
+        size = len(os.fsencode(path))
+        if size > MAX_IPC_PATH:
             raise BusConfigError(
-                f"ipc socket path is {len(str(path))} bytes, over the {MAX_IPC_PATH}-byte limit of "
+                f"ipc socket path is {size} bytes, over the {MAX_IPC_PATH}-byte limit of "
                 f"Unix sockets: {path}. Use a shorter RDV_RUN_DIR or RDV_BUS_TRANSPORT=tcp."
             )
         return f"ipc://{path}"
@@ -125,7 +126,7 @@ def load_bus_map(
         raise BusConfigError(f"bus map {path} is not valid TOML: {exc}") from None
     try:
         return _parse(raw, path, run_dir, transport, port_offset, env)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, BusConfigError):
             raise
         raise BusConfigError(f"bus map {path}: bad or missing entry: {exc}") from None

@@ -226,7 +226,7 @@ def _video(seq: int, t: int, src: str, body: dict[str, Any], data: bytes) -> Vid
     width = _int_field(body, "w", 1, MAX_VIDEO_SIDE)
     height = _int_field(body, "h", 1, MAX_VIDEO_SIDE)
     encoding = body.get("enc")
-    if encoding not in VIDEO_ENCODINGS:
+    if not isinstance(encoding, str) or encoding not in VIDEO_ENCODINGS:
         raise FrameError(
             "schema", f"video encoding {encoding!r} is not one of {list(VIDEO_ENCODINGS)}"
         )

@@ -23,6 +23,7 @@ from services.bus.frames import Frame, FrameEncoder, FrameError, decode
 log = logging.getLogger(__name__)
 HARD_CEILING_FACTOR = 16
 MAX_LOGGED = 40  # bytes of a bad topic worth quoting in a log line
+MAX_LABELS_PER_PATTERN = 16  # cameras per station, far above any real rig
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +64,11 @@ class Publisher:
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, bus.send_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.endpoint)
+        try:
+            self._socket.bind(self.endpoint)
+        except zmq.ZMQError:
+            self._socket.close(linger=0)  # a failed bind must not leak the socket
+            raise
         self._ipc_path, self._ipc_inode = None, None
         if bus.transport == "ipc":
             self._ipc_path = self.endpoint.removeprefix("ipc://")
@@ -104,6 +109,9 @@ class Subscriber:
         self._bus = bus
         self._on_drop = on_drop
         self._topics = tuple(topics)
+        if not self._topics:
+            raise ValueError("a Subscriber needs at least one topic")
+        self._labels: set[str] = set()  # concrete topics seen under pattern topics (video.*)
         self._joint_count = joint_count
         self._drop_log = DropLog()
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
@@ -161,15 +169,27 @@ class Subscriber:
                 joint_count=self._joint_count if spec.schema in ("joints", "follower") else None,
             )
         except FrameError as error:
-            stream = topic or "unknown"
+            # A pattern topic's drops are labelled by the pattern: whoever sends garbage must
+            # not be able to mint new label values.
+            stream = "unknown" if topic is None else self._bus.topic(topic).name
             metrics.FRAMES_DROPPED.labels(stream=stream, reason=error.reason).inc()
             self._drop_log.drop(stream, error)
             if self._on_drop is not None:
                 self._on_drop(stream, error)
             return None
-        metrics.FRAMES.labels(stream=topic).inc()
-        metrics.BUS_LATENCY.labels(topic=topic).observe(max(0.0, (recv_ns - frame.t) / 1e9))
+        label = self._label(topic, spec.name)
+        metrics.FRAMES.labels(stream=label).inc()
+        metrics.BUS_LATENCY.labels(topic=label).observe(max(0.0, (recv_ns - frame.t) / 1e9))
         return Received(topic, frame, recv_ns)
+
+    def _label(self, topic: str, pattern: str) -> str:
+        """Metric label of a valid frame: its topic, or the pattern once too many were seen."""
+        if topic == pattern or topic in self._labels:
+            return topic
+        if len(self._labels) < MAX_LABELS_PER_PATTERN:
+            self._labels.add(topic)
+            return topic
+        return pattern
 
     def _topic_of(self, raw: bytes) -> str | None:
         """The exact subscribed topic named by raw, or None (SUBSCRIBE matches prefixes only)."""
@@ -179,7 +199,12 @@ class Subscriber:
             return None
         for wanted in self._topics:
             if wanted.endswith(".*"):
-                if topic.startswith(wanted[:-1]) and len(topic) <= 64 and topic.isprintable():
+                prefix = wanted[:-1]
+                if (
+                    topic.startswith(prefix)
+                    and len(prefix) < len(topic) <= 64
+                    and topic.isprintable()
+                ):
                     return topic
             elif topic == wanted:
                 return topic
