@@ -8,6 +8,7 @@ loop on a dedicated thread until SIGTERM/SIGINT. Exit codes: 0 clean stop, 2 bad
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -26,10 +27,19 @@ EXIT_SOFTWARE = 70
 log = logging.getLogger("rdv.arm_driver")
 
 
+def role_of(argv: list[str]) -> str:
+    """The role named on the command line, else by which RDV_*_ARM_ARGS holds a device."""
+    for flag, role in (("--robot.", "follower"), ("--teleop.", "leader")):
+        if any(arg.startswith(flag) for arg in argv):
+            return role
+    if "--robot." in os.environ.get("RDV_FOLLOWER_ARM_ARGS", ""):
+        return "follower"
+    return "leader"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    role = "follower" if any(arg.startswith("--robot.") for arg in argv) else "leader"
-    config = parse_driver_args(argv_with_environment(argv, f"{role}_arm"))
+    config = parse_driver_args(argv_with_environment(argv, f"{role_of(argv)}_arm"))
     setup_logging(config.log_level, config.process)
     try:
         bus = load_bus_map(config.bus_config, run_dir=config.run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -214,7 +215,10 @@ def parse_driver_args(
 ) -> DriverConfig:
     """Parse flags (plus the RDV_<PROCESS>_ARGS environment) into a DriverConfig, or exit 2."""
     parser = parser or build_parser()
-    device_options, rest = _split_device_options(argv)
+    try:
+        device_options, rest = _split_device_options(argv)
+    except ValueError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(rest)
     kinds = [kind for kind in ("robot", "teleop") if getattr(args, f"{kind}_type", None)]
     if len(kinds) != 1:
@@ -282,7 +286,7 @@ def _split_device_options(argv: list[str]) -> tuple[dict[str, dict[str, str]], l
             if not has_value:
                 value = next(items, None)
                 if value is None:
-                    raise SystemExit(f"error: {item} needs a value")
+                    raise ValueError(f"{item} needs a value")
             options[kind][name] = value
         else:
             rest.append(item)
@@ -298,6 +302,8 @@ def _parse_limits(text: str) -> dict[str, tuple[float, float]]:
             'expected JSON like {"shoulder_pan.pos": [-110, 110]}'
         ) from None
     for key, (low, high) in limits.items():
-        if not low < high:
-            raise argparse.ArgumentTypeError(f"{key}: low {low} must be below high {high}")
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise argparse.ArgumentTypeError(
+                f"{key}: low {low} must be below high {high}, both finite"
+            )
     return limits

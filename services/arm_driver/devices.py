@@ -78,6 +78,9 @@ def joint_limits(
     """Safety limits per key: the flag's, else the device's own, else SO101 nominal limits."""
     known = dict(SO101_LIMITS)
     known.update(getattr(getattr(device, "config", None), "limits", None) or {})
+    unknown = sorted(set(override or {}) - set(keys))
+    if unknown:  # most likely a typo: ignoring it would leave wider limits in force
+        raise DeviceError(f"--joint-limits names {unknown}, which are not joints of {keys}")
     known.update(override or {})
     missing = [key for key in keys if key not in known]
     if missing:

@@ -8,6 +8,7 @@ more than `max_step` since the previous one, or a goal from a command it rejecte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.bus.frames import JointFrame
@@ -38,11 +39,20 @@ class SafetyConfig:
         if not self.limits:
             raise ValueError("limits: at least one joint is needed")
         for low, high in self.limits:
-            if not low < high:
-                raise ValueError(f"limits: low {low} must be below high {high}")
-        for name in ("rate_hz", "max_step", "ramp_step", "ramp_done"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
+            # An infinite limit, step or timeout would silently switch a safety rule off.
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"limits: low {low} must be below high {high}, both finite")
+        for name in (
+            "rate_hz",
+            "max_step",
+            "ramp_step",
+            "ramp_done",
+            "max_command_age_s",
+            "command_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
         if not 0 < self.max_command_age_s <= self.command_timeout_s:
             raise ValueError("max_command_age_s must be positive and at most command_timeout_s")
         if self.ramp_step > self.max_step:
@@ -75,6 +85,7 @@ class FollowerSafety:
         self._last_accept_ns: int | None = None
         self._last_step_ns: int | None = None
         self._estop = False
+        self._lapsed = False  # the deadman expired with no step to notice it
 
     @property
     def last_applied(self) -> JointFrame | None:
@@ -103,6 +114,10 @@ class FollowerSafety:
         for value, (low, high) in zip(command.pos, config.limits, strict=True):
             if not low <= value <= high:
                 return "out_of_limits"
+        if self.state in ("ramping", "tracking") and not self._stream_alive(now_ns):
+            # No step ran while the stream was dead (a stalled loop): the next step must still
+            # trip the deadman and re-engage with a ramp, not resume from the old goal.
+            self._lapsed = True
         self._fresh = command
         self._last_accept_ns = now_ns
         return None
@@ -130,7 +145,13 @@ class FollowerSafety:
                 self.goal = self._clip_to_limits(measured)
             self.state = "stale"
             self._fresh = None
+            self._lapsed = False
             return Step(self.goal, self.state, None, tripped)
+
+        if self._lapsed:
+            self._lapsed = False
+            tripped = True
+            self.state = "stale"  # re-engaged below from where the arm is
 
         if self._fresh is not None:
             applied = self._fresh
@@ -160,6 +181,7 @@ class FollowerSafety:
     def latch_estop(self) -> None:
         self._estop = True
         self._fresh = None
+        self._lapsed = False
 
     def rearm(self) -> None:
         """Clear a latched stop; the next fresh command starts a new ramp from where the arm is."""
