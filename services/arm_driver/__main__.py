@@ -15,7 +15,13 @@ import threading
 
 from services import metrics
 from services.arm_driver.config import argv_with_environment, parse_driver_args
-from services.arm_driver.devices import DeviceError, connect_device, make_device
+from services.arm_driver.devices import (
+    DeviceError,
+    connect_device,
+    joint_keys,
+    joint_limits,
+    make_device,
+)
 from services.arm_driver.follower import run_follower
 from services.arm_driver.leader import run_leader
 from services.bus import BusConfigError, load_bus_map
@@ -53,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_UNAVAILABLE
     log.info("%s connected as %s (station %s)", config.device.type, config.role, config.station)
+    if config.role == "follower":
+        try:  # a wrong limit is a configuration error, not a crash to restart forever
+            config.safety_config(joint_limits(device, joint_keys(device), config.joint_limits))
+        except (DeviceError, ValueError) as exc:
+            log.error("%s", exc)
+            device.disconnect()
+            return EXIT_CONFIG
     metrics.serve_metrics(config.metrics_port or bus.metrics_port(config.process))
 
     stop = threading.Event()

@@ -56,6 +56,18 @@ class DriverConfig:
         """This driver's name in the bus map."""
         return f"{self.role}_arm"
 
+    def safety_config(self, limits: tuple[tuple[float, float], ...]) -> SafetyConfig:
+        """The follower's safety rules from these flags; ValueError names a bad value."""
+        return SafetyConfig(
+            limits=limits,
+            rate_hz=self.rate_hz,
+            max_step=self.max_step,
+            ramp_step=self.ramp_step,
+            ramp_done=self.ramp_done,
+            max_command_age_s=self.max_command_age_s,
+            command_timeout_s=self.command_timeout_s,
+        )
+
 
 def add_device_flags(
     parser: argparse.ArgumentParser, kind: str, default_type: str | None = None
@@ -254,15 +266,7 @@ def parse_driver_args(
         log_level=args.log_level,
     )
     try:
-        SafetyConfig(
-            limits=((0.0, 1.0),),
-            rate_hz=config.rate_hz,
-            max_step=config.max_step,
-            ramp_step=config.ramp_step,
-            ramp_done=config.ramp_done,
-            max_command_age_s=config.max_command_age_s,
-            command_timeout_s=config.command_timeout_s,
-        )
+        config.safety_config(limits=((0.0, 1.0),))  # the joints' limits come with the device
     except ValueError as exc:
         parser.error(str(exc))
     return config

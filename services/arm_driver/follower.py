@@ -15,7 +15,7 @@ from typing import Any
 from services import metrics
 from services.arm_driver.config import DriverConfig
 from services.arm_driver.devices import joint_keys, joint_limits, set_torque
-from services.arm_driver.safety import FollowerSafety, SafetyConfig, Step
+from services.arm_driver.safety import FollowerSafety, Step
 from services.arm_driver.ticker import Ticker
 from services.bus import BusMap, FollowerFrame, FrameError, Publisher, Subscriber
 from services.bus.health import HealthBeat
@@ -29,14 +29,8 @@ class FollowerLoop:
         self.config = config
         self.device = device
         self.keys = joint_keys(device)
-        self.safety_config = SafetyConfig(
-            limits=joint_limits(device, self.keys, config.joint_limits),
-            rate_hz=config.rate_hz,
-            max_step=config.max_step,
-            ramp_step=config.ramp_step,
-            ramp_done=config.ramp_done,
-            max_command_age_s=config.max_command_age_s,
-            command_timeout_s=config.command_timeout_s,
+        self.safety_config = config.safety_config(
+            joint_limits(device, self.keys, config.joint_limits)
         )
         self.measured = self._read()
         self.safety = FollowerSafety(self.safety_config, self.measured)
