@@ -9,8 +9,9 @@ venv=${RDV_VENV:-.venv}
 extras=${RDV_EXTRAS:-dev}
 
 # Debian packages the project runs or tests against. python3-venv: a fresh Debian python3
-# cannot create a virtualenv without it.
-apt_packages=(python3 python3-venv python3-pip)
+# cannot create a virtualenv without it. mosquitto: the MQTT broker tests and the demo start
+# (their own instances; the system service is never relied on). openssl: test TLS certificates.
+apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
