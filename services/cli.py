@@ -75,6 +75,49 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_port_offset(local)
 
+    fleet = commands.add_parser(
+        "fleet",
+        help="list this owner's stations as the MQTT broker sees them",
+        description="List the stations of this station's owner (role, type, status, busy, "
+        "session, last seen) from their retained presence on the broker, then exit. Uses the "
+        "identity and broker of `rdv register`.",
+    )
+    fleet.add_argument(
+        "--config-dir",
+        default=None,
+        help="identity to use (default: $RDV_CONFIG_DIR, else ~/.config/rdv)",
+    )
+    fleet.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    fleet.add_argument(
+        "--watch", action="store_true", help="keep updating until Ctrl-C (default: print once)"
+    )
+    fleet.add_argument(
+        "--wait",
+        type=float,
+        default=1.0,
+        help="seconds to collect presence before printing (default: %(default)s)",
+    )
+    fleet.add_argument(
+        "--presence-interval",
+        type=float,
+        default=1.0,
+        help="the stations' presence refresh interval; silent for 3 of them = stale "
+        "(default: %(default)s)",
+    )
+    fleet.add_argument(
+        "--clock-skew",
+        type=float,
+        default=2.0,
+        help="seconds of wall-clock difference tolerated when judging a presence's age "
+        "(default: %(default)s)",
+    )
+    fleet.add_argument(
+        "--mqtt-version",
+        choices=("5", "3.1.1"),
+        default=os.environ.get("RDV_MQTT_VERSION", "5"),
+        help="MQTT protocol (default: $RDV_MQTT_VERSION or %(default)s)",
+    )
+
     status = commands.add_parser(
         "watch",
         help="show live status of a running station's arms",
@@ -122,10 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("local", "demo"):
         return run_local(args.seconds, args.port_offset)
+    if args.command == "fleet":
+        return run_fleet_command(args)
     if args.command == "watch":
         return watch(REPO_ROOT / "run" / args.station, seconds=args.seconds)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def run_fleet_command(args: argparse.Namespace) -> int:
+    from services.fleet import run_fleet
+    from services.session_manager.identity import IdentityError, config_dir, load_identity
+
+    try:
+        identity = load_identity(config_dir(args.config_dir))
+    except IdentityError as exc:
+        print(f"rdv fleet: {exc}", file=sys.stderr)
+        return 78
+    return run_fleet(args, identity)
 
 
 def run_station(name: str, argv: list[str], port_offset: int) -> int:

@@ -64,3 +64,20 @@ def serve_metrics(port: int) -> bool:
         return False
     log.info("metrics on http://127.0.0.1:%d/metrics", port)
     return True
+
+
+SESSION_STATE = Gauge(
+    "rdv_session_state", "1 for the session manager's current state, 0 for the others.", ["state"]
+)
+SESSIONS = Counter("rdv_sessions_total", "Sessions ended, by outcome.", ["outcome"])
+PRESENCE_STATIONS = Gauge(
+    "rdv_presence_stations",
+    "Stations of this owner seen through presence, by role and status.",
+    ["role", "status"],
+)
+MQTT_CONNECTED = Gauge("rdv_mqtt_connected", "1 while connected to the MQTT broker.")
+SIGNALING_REJECTED = Counter(
+    "rdv_signaling_rejected_total",
+    "Signed MQTT inbox messages rejected on receipt, by reason.",
+    ["reason"],
+)
