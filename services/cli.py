@@ -25,6 +25,14 @@ from services.arm_driver.config import (
     parse_driver_args,
 )
 from services.bus.config import REPO_ROOT
+from services.session_manager.trust_cli import (
+    add_identity_parser,
+    add_register_parser,
+    add_trust_parser,
+    run_identity,
+    run_register,
+    run_trust,
+)
 from services.status import watch
 
 DEPLOY_DIR = REPO_ROOT / "deploy"
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, summary in (
         ("local", "run a sim leader driving a sim follower on this machine, with live status"),
-        ("demo", "the quick-start demo (today: the local station, see README)"),
+        ("demo", "the quick-start demo: a broker and two stations on this machine that pair"),
     ):
         local = commands.add_parser(
             name,
@@ -74,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="stop after this many seconds (default: run until Ctrl-C)",
         )
         _add_port_offset(local)
+
+    add_register_parser(commands)
+    add_trust_parser(commands)
+    add_identity_parser(commands)
 
     fleet = commands.add_parser(
         "fleet",
@@ -127,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--station",
         default="local",
-        help="which station under run/ to watch: local, robot or teleop (default: %(default)s)",
+        help="which station under run/ to watch: local, robot, teleop or demo "
+        "(default: %(default)s)",
     )
     status.add_argument(
         "--seconds", type=float, default=None, help="stop after this many seconds (default: never)"
@@ -163,12 +176,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_station(args.command, argv[1:], args.port_offset)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("local", "demo"):
+    if args.command == "local":
         return run_local(args.seconds, args.port_offset)
+    if args.command == "demo":
+        return run_demo(args.seconds, args.port_offset)
     if args.command == "fleet":
         return run_fleet_command(args)
+    if args.command == "register":
+        return run_register(args)
+    if args.command == "trust":
+        return run_trust(args)
+    if args.command == "identity":
+        return run_identity(args)
     if args.command == "watch":
-        return watch(REPO_ROOT / "run" / args.station, seconds=args.seconds)
+        return watch(station_run_dirs(args.station), seconds=args.seconds)
     parser.error(f"unknown command {args.command}")
     return 2
 
@@ -198,16 +219,48 @@ def run_station(name: str, argv: list[str], port_offset: int) -> int:
     return _wait_foreground(supervisord, seconds=None)
 
 
+def station_run_dirs(station: str) -> list[Path]:
+    """Bus run dirs of a station under run/; the demo holds two stations."""
+    base = REPO_ROOT / "run" / station
+    return [base / "robot", base / "teleop"] if station == "demo" else [base]
+
+
 def run_local(seconds: float | None, port_offset: int) -> int:
     print("rdv: local station starting (deploy/local.conf): sim leader -> bus -> sim follower")
     print(f"rdv: logs in run/local/, metrics on http://127.0.0.1:{9702 + port_offset}/metrics")
     supervisord = start_supervisord(
         DEPLOY_DIR / "local.conf", {"RDV_PORT_OFFSET": str(port_offset)}
     )
+    return _watch_then_stop(supervisord, station_run_dirs("local"), seconds)
+
+
+def run_demo(seconds: float | None, port_offset: int) -> int:
+    from services.demo import prepare_demo_identities
+    from services.local_broker.__main__ import find_mosquitto
+
+    broker_port = int(os.environ.get("RDV_BROKER_PORT", "18830"))
+    mqtt_version = "5" if find_mosquitto() else "3.1.1"  # the embedded amqtt speaks 3.1.1 only
+    run_dir = REPO_ROOT / "run" / "demo"
+    prepare_demo_identities(run_dir, f"mqtt://127.0.0.1:{broker_port}")
+    broker = "Mosquitto" if mqtt_version == "5" else "embedded amqtt (no Mosquitto installed)"
+    print(f"rdv: demo starting (deploy/demo.conf): {broker} on 127.0.0.1:{broker_port},")
+    print("rdv:   a robot station (sim follower) and a teleop station (sim leader) that pair")
+    print("rdv: see both stations:  .venv/bin/rdv fleet --config-dir run/demo/teleop/config")
+    print("rdv: logs in run/demo/; the arm path alone runs with `rdv local`")
+    env = {
+        "RDV_PORT_OFFSET": str(port_offset),
+        "RDV_BROKER_PORT": str(broker_port),
+        "RDV_MQTT_VERSION": mqtt_version,
+    }
+    supervisord = start_supervisord(DEPLOY_DIR / "demo.conf", env)
+    return _watch_then_stop(supervisord, station_run_dirs("demo"), seconds)
+
+
+def _watch_then_stop(
+    supervisord: subprocess.Popen, run_dirs: list[Path], seconds: float | None
+) -> int:
     try:
-        watch(
-            REPO_ROOT / "run" / "local", seconds=seconds, alive=lambda: supervisord.poll() is None
-        )
+        watch(run_dirs, seconds=seconds, alive=lambda: supervisord.poll() is None)
     except KeyboardInterrupt:
         pass
     finally:
@@ -220,8 +273,9 @@ def start_supervisord(conf: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [supervisord_path(), "-c", str(conf)],
         env={**os.environ, **env},
-        stdout=subprocess.DEVNULL if conf.stem == "local" else None,
-        stderr=subprocess.STDOUT if conf.stem == "local" else None,
+        # The status line is the foreground output of local and demo; supervisord logs to run/.
+        stdout=subprocess.DEVNULL if conf.stem in ("local", "demo") else None,
+        stderr=subprocess.STDOUT if conf.stem in ("local", "demo") else None,
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.bus import FollowerFrame, JointFrame, Subscriber, load_bus_map
+from services.bus import FollowerFrame, JointFrame, MessageFrame, Subscriber, load_bus_map
 
 
 @dataclass
@@ -22,6 +22,14 @@ class ArmStatus:
     follower_frames: int = 0
     worst_error: float = 0.0  # largest |leader - follower| seen in this window, any joint
     states: set[str] = field(default_factory=set)
+    sessions: dict[str, str] = field(default_factory=dict)  # station -> session summary
+
+    def take_health(self, frame: MessageFrame) -> None:
+        fields = frame.fields
+        if fields.get("process") != "session_manager":
+            return
+        state, peer = fields.get("state"), fields.get("peer")
+        self.sessions[frame.src] = f"{state} with {peer}" if peer else str(state)
 
     def take(self, topic: str, frame: object) -> None:
         if topic == "joints.leader" and isinstance(frame, JointFrame):
@@ -36,44 +44,55 @@ class ArmStatus:
                 self.worst_error = max(self.worst_error, error)
 
     def line(self, window_s: float) -> str:
-        if self.follower is None and self.leader is None:
+        if self.follower is None and self.leader is None and not self.sessions:
             return "waiting for the station's arms on the bus..."
-        parts = [
+        parts = [f"{station}: {text}" for station, text in sorted(self.sessions.items())]
+        parts += [
             f"leader {self.leader_frames / window_s:5.1f} Hz",
             f"follower {self.follower_frames / window_s:5.1f} Hz",
         ]
         if self.follower is not None:
             parts.append(f"state {'/'.join(sorted(self.states)):<9}")
             parts.append("pos " + " ".join(f"{value:7.1f}" for value in self.follower.pos))
-        if self.leader is not None and self.follower is not None:
+        following = self.states & {"ramping", "tracking"}
+        if self.leader is not None and self.follower is not None and following:
             parts.append(f"max error {self.worst_error:5.1f}")
         return " | ".join(parts)
 
 
 def watch(
-    run_dir: Path,
+    run_dirs: list[Path],
     *,
     seconds: float | None = None,
     interval_s: float = 1.0,
     alive: Callable[[], bool] = lambda: True,
 ) -> int:
-    bus = load_bus_map(run_dir=run_dir)
-    subscriber = Subscriber(bus, ["joints.leader", "joints.follower"])
+    """Print one status line per interval from the buses of one or more stations."""
+    subscribers = [
+        Subscriber(load_bus_map(run_dir=run_dir), ["joints.leader", "joints.follower", "health"])
+        for run_dir in run_dirs
+    ]
     in_place = sys.stdout.isatty()
     deadline = None if seconds is None else time.monotonic() + seconds
     try:
         while alive() and (deadline is None or time.monotonic() < deadline):
             status = ArmStatus()
             window_end = time.monotonic() + interval_s
-            while (remaining := window_end - time.monotonic()) > 0:
-                received = subscriber.recv(timeout_ms=remaining * 1000)
-                if received is not None:
-                    status.take(received.topic, received.frame)
+            while window_end > time.monotonic():
+                for subscriber in subscribers:
+                    received = subscriber.recv(timeout_ms=10)
+                    if received is None:
+                        continue
+                    if isinstance(received.frame, MessageFrame):
+                        status.take_health(received.frame)
+                    else:
+                        status.take(received.topic, received.frame)
             text = status.line(interval_s)
             print(f"\r\x1b[2K{text}" if in_place else text, end="" if in_place else "\n")
             sys.stdout.flush()
     finally:
         if in_place:
             print()
-        subscriber.close()
+        for subscriber in subscribers:
+            subscriber.close()
     return 0

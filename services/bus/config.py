@@ -145,12 +145,16 @@ def _parse(
     if transport not in TRANSPORTS:
         raise BusConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if port_offset is None:
+        # RDV_PORT_OFFSET shifts a whole machine's ports; RDV_STATION_PORT_OFFSET separates two
+        # stations under one supervisord (deploy/demo.conf). Both add up.
         offset_text = env.get("RDV_PORT_OFFSET", "0")
+        station_text = env.get("RDV_STATION_PORT_OFFSET", "0")
         try:
-            port_offset = int(offset_text)
+            port_offset = int(offset_text) + int(station_text)
         except ValueError:
             raise BusConfigError(
-                f"RDV_PORT_OFFSET must be an integer, got {offset_text!r}"
+                "RDV_PORT_OFFSET and RDV_STATION_PORT_OFFSET must be integers, got "
+                f"{offset_text!r} and {station_text!r}"
             ) from None
     run_dir = Path(run_dir or env.get("RDV_RUN_DIR") or default_run_dir())
 

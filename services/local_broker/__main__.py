@@ -1,0 +1,106 @@
+"""A local MQTT broker for one machine (the demo): Mosquitto when installed, else amqtt.
+
+Listens on 127.0.0.1 only and allows anonymous clients, so it must never be reachable from
+another machine; a real deployment runs the broker config in deploy/mosquitto/. Mosquitto is
+exec'd (supervisord then manages the broker's own pid); amqtt runs in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("rdv.local_broker")
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    return found or next((p for p in MOSQUITTO_PATHS if os.access(p, os.X_OK)), None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.local_broker",
+        description="Run a local MQTT broker on 127.0.0.1 for stations on this machine.",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("RDV_BROKER_PORT", "18830")),
+        help="TCP port (default: $RDV_BROKER_PORT or %(default)s)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "mosquitto", "amqtt"),
+        default="auto",
+        help="auto: Mosquitto when installed, else the embedded amqtt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("RDV_RUN_DIR", "."),
+        help="where the generated Mosquitto config goes (default: $RDV_RUN_DIR or .)",
+    )
+    return parser
+
+
+def run_mosquitto(binary: str, port: int, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    conf = run_dir / "local-mosquitto.conf"
+    conf.write_text(
+        "# written by services.local_broker: loopback only, anonymous, for one machine\n"
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "log_dest stderr\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+        "max_packet_size 131072\n"
+    )
+    print(f"local_broker: Mosquitto on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    os.execv(binary, [binary, "-c", str(conf)])
+
+
+def run_amqtt(port: int) -> int:
+    from amqtt.broker import Broker
+
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+    async def serve() -> None:
+        broker = Broker(config)
+        await broker.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"local_broker: amqtt (MQTT 3.1.1) on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+        await stop.wait()
+        await asyncio.wait_for(broker.shutdown(), timeout=3)
+
+    asyncio.run(serve())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s local_broker %(message)s")
+    mosquitto = find_mosquitto() if args.kind in ("auto", "mosquitto") else None
+    if args.kind == "mosquitto" and mosquitto is None:
+        log.error("Mosquitto is not installed (apt-get install mosquitto), or use --kind amqtt")
+        return 78
+    if mosquitto is not None:
+        run_mosquitto(mosquitto, args.port, Path(args.run_dir))
+    return run_amqtt(args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
