@@ -70,6 +70,7 @@ class Station:
             "RDV_PORT_OFFSET": str(self.port_offset),
             **(env or {}),
         }
+        self.env_broker_url = f"mqtt://127.0.0.1:{self.env.get('RDV_BROKER_PORT', '18830')}"
         self.process: subprocess.Popen | None = None
         self.child_pids: set[int] = set()
 
