@@ -36,6 +36,7 @@ from services.session_manager.trust_cli import (
 from services.status import watch
 
 DEPLOY_DIR = REPO_ROOT / "deploy"
+BENCHMARKS = {"presence": "bench.presence"}
 STATIONS = {
     # command: (supervisord config, run dir name, device kind, process)
     "robot": ("robot.conf", "robot", "robot", "follower_arm"),
@@ -130,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="MQTT protocol (default: $RDV_MQTT_VERSION or %(default)s)",
     )
 
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark that prints measured figures beside DESIGN.md's targets",
+        description="Run a benchmark from bench/. Each starts and stops everything it needs "
+        "and prints the machine it ran on. Flags after the name go to the benchmark; "
+        "`rdv bench NAME --help` lists them.",
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+
     status = commands.add_parser(
         "watch",
         help="show live status of a running station's arms",
@@ -174,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command in STATIONS:
         return run_station(args.command, argv[1:], args.port_offset)
+    if args.command == "bench":
+        return run_bench(args.name, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "local":
@@ -192,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         return watch(station_run_dirs(args.station), seconds=args.seconds)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def run_bench(name: str, flags: list[str]) -> int:
+    """Benchmarks live in bench/ beside the package; they run from the checkout."""
+    command = [sys.executable, "-m", BENCHMARKS[name], *flags]
+    return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
 
 
 def run_fleet_command(args: argparse.Namespace) -> int:

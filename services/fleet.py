@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from services.session_manager.mqtt_link import broker_address
+from services.session_manager.mqtt_link import broker_address, disable_nagle
 from services.session_manager.presence import (
     PresenceBoard,
     PresenceError,
@@ -86,7 +86,10 @@ class FleetWatcher:
             client.username_pw_set(identity.broker.username, identity.broker.password)
         if tls:
             client.tls_set(ca_certs=identity.broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.on_socket_open = disable_nagle
         client.on_connect = self._on_connect
+        # Ready only once the broker confirms the subscription: retained presence follows it.
+        client.on_subscribe = lambda *_args: self.events.put(("connected",))
         client.on_message = lambda _c, _u, message: self.events.put(
             ("message", message.topic, message.payload)
         )
@@ -98,7 +101,6 @@ class FleetWatcher:
             self.events.put(("refused", str(reason)))
             return
         client.subscribe(presence_topic(self.owner, "+"), qos=1)
-        self.events.put(("connected",))
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.client.connect_async(*self.address, keepalive=30)

@@ -86,7 +86,11 @@ def run_amqtt(port: int) -> int:
         await stop.wait()
         await asyncio.wait_for(broker.shutdown(), timeout=3)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except Exception as exc:  # amqtt wraps a taken port in its own BrokerError
+        log.error("cannot start the embedded broker on 127.0.0.1:%d: %s", port, exc)
+        return 78  # a configuration problem: supervisord must not restart it in a storm
     return 0
 
 

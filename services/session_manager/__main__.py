@@ -169,7 +169,8 @@ class SessionManager:
             joints=self.joints,
             cameras=self.cameras,
             busy=self.machine.busy,
-            session=self.machine.session,
+            # A teleop that is only asking holds no session yet, whatever id its request has.
+            session=self.machine.session if self.machine.busy else None,
             version=__version__,
             pubkey=self.identity.public_key_b64,
             ts=time.time(),

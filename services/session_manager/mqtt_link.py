@@ -7,8 +7,10 @@ and never publish outside the station's own `rdv/v1/<owner>/` subtree.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +44,14 @@ class Connected:
 @dataclass(frozen=True)
 class Disconnected:
     reason: str
+
+
+def disable_nagle(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY on the broker connection. Without it, a publish that follows the ACK of a
+    message just received waits for the broker's delayed ACK (~40 ms on Linux): measured by
+    bench/presence.py, one pairing took 103 ms instead of 30 ms. paho does not set it."""
+    with contextlib.suppress(OSError, AttributeError):  # TLS wrappers and test sockets vary
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def broker_address(url: str) -> tuple[str, int, bool]:
@@ -85,6 +95,7 @@ class MqttLink:
             client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
         client.will_set(will_topic, will_payload, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.on_socket_open = disable_nagle
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

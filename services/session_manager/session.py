@@ -112,8 +112,15 @@ class SessionMachine:
         if kind == "session.request" and self.role == "robot":
             return self._on_request(sender, body, now, board)
         if kind in ("session.accept", "session.reject") and self.role == "teleop":
-            if self.state != "requesting" or sender != self._candidate or session != self.session:
-                return Actions()  # a late answer to a request already given up on
+            current = self.state == "requesting" and sender == self._candidate
+            if not current or session != self.session:
+                ours = sender == self.peer and session == self.session
+                if kind == "session.accept" and isinstance(session, str) and not ours:
+                    # A robot accepted a request this teleop gave up on: free it now, rather
+                    # than leave it waiting out its paired time-out.
+                    body = {"session": session, "reason": "abandoned"}
+                    return Actions(sends=[Send("session.end", sender, body)])
+                return Actions()
             if body.get("corr") != self._corr:
                 return Actions()
             if kind == "session.accept":
@@ -167,6 +174,10 @@ class SessionMachine:
         joints = body.get("joints")
         if not isinstance(joints, list) or tuple(joints) != self.joints:  # 5 -> TypeError
             return Actions(sends=[Send("session.reject", sender, {**reply, "reason": "joints"})])
+        sighting = board.stations.get(sender)
+        if sighting is not None and sighting.presence.role != "teleop":
+            # Only a teleop may drive this arm; another robot signing a request may not.
+            return Actions(sends=[Send("session.reject", sender, {**reply, "reason": "role"})])
         if board.status(sender, now) != "online":
             # Pairing with a station whose presence we cannot see would end at once (peer_lost).
             reject = {**reply, "reason": "not_ready"}

@@ -272,8 +272,16 @@ def test_explicit_environ_replaces_the_process_environment(
 
 @pytest.mark.parametrize("value", ["abc", "1.5", ""])
 def test_bad_port_offset_in_environment(value: str) -> None:
-    with pytest.raises(BusConfigError, match=r"RDV_PORT_OFFSET must be an integer"):
+    with pytest.raises(BusConfigError, match=r"RDV_PORT_OFFSET and RDV_STATION_PORT_OFFSET"):
         shipped(environ={"RDV_PORT_OFFSET": value})
+    with pytest.raises(BusConfigError, match=r"must be integers"):
+        shipped(environ={"RDV_STATION_PORT_OFFSET": value})
+
+
+def test_station_port_offset_adds_to_the_machine_offset() -> None:
+    bus = shipped(environ={"RDV_PORT_OFFSET": "1000", "RDV_STATION_PORT_OFFSET": "100"})
+    assert bus.port_offset == 1100
+    assert bus.metrics_port("session_manager") == 9705 + 1100
 
 
 @pytest.mark.parametrize("offset", [60000, -5702])
