@@ -150,6 +150,7 @@ def test_killed_session_manager_is_offline_within_a_second_and_peer_repairs(brok
         )
         offline_after_s = time.monotonic() - killed_at
         assert watcher.board.stations["robot-a"].presence.status == "offline"  # the will fired
+        print(f"SIGKILL -> offline seen after {offline_after_s * 1000:.0f} ms")
         assert offline_after_s <= 1.0, offline_after_s
 
         # The teleop notices, ends the session and pairs with the robot that is left.
@@ -190,6 +191,7 @@ def test_stopped_station_is_stale_within_three_intervals_then_comes_back(broker)
                 interval_s=0.05,
             )
             stale_after_s = time.monotonic() - stopped_at
+            print(f"SIGSTOP -> stale after {stale_after_s * 1000:.0f} ms (interval {INTERVAL_S} s)")
             # 3 intervals of silence, plus up to one interval since the last refresh.
             assert stale_after_s <= 4 * INTERVAL_S + 0.5, stale_after_s
             # The paired teleop gives the session up on its own (peer lost).
