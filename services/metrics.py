@@ -81,3 +81,8 @@ SIGNALING_REJECTED = Counter(
     "Signed MQTT inbox messages rejected on receipt, by reason.",
     ["reason"],
 )
+LINK_RTT = Histogram(
+    "rdv_link_rtt_seconds",
+    "Round-trip time of the station-to-station link, from pings on the reliable channel.",
+    buckets=LATENCY_BUCKETS,
+)

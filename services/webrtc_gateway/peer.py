@@ -1,0 +1,203 @@
+"""One side of the station-to-station WebRTC link: data channels, pings, link-loss detection.
+
+Two negotiated data channels (same ids on both sides, no in-band announcement):
+- `cmd` (id 0): unordered, zero retransmits, teleop -> robot leader joint frames. A lost frame
+  is repaired by the next one; a retransmitted one would only arrive stale.
+- `state` (id 1): reliable, both ways: ping/pong (clock offset, RTT, liveness) and the
+  follower's frames back to the teleop.
+Every frame received is validated by the bus codec before it is handed on, and command times
+are converted to this station's clock. Nothing reaches the public internet unasked: no ICE
+servers unless configured. This module must never hand on a frame that failed validation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aioice.ice
+import msgpack
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from services import metrics
+from services.bus.frames import (
+    FollowerFrame,
+    FrameEncoder,
+    FrameError,
+    JointFrame,
+    body_of,
+    decode,
+)
+from services.webrtc_gateway.link import LOST_AFTER_S, PING_INTERVAL_S, LinkMonitor
+
+log = logging.getLogger(__name__)
+CMD_CHANNEL_ID = 0
+STATE_CHANNEL_ID = 1
+MAX_CHANNEL_MESSAGE = 4096  # the bus's frame cap: a joint frame is ~100 bytes
+
+
+def restrict_host_candidates(addresses: list[str]) -> None:
+    """Offer only these local addresses as ICE host candidates (e.g. ["127.0.0.1"]).
+
+    aioice never offers loopback on its own; two stations on one machine, and tests that must
+    keep their traffic on loopback, set this. It changes aioice's module-level address lookup
+    for this process, which is the gateway's only peer connection.
+    """
+    chosen = list(addresses)
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [
+        a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)
+    ]
+
+
+@dataclass
+class PeerConfig:
+    initiator: bool  # the teleop offers; the robot answers
+    ice_servers: list[RTCIceServer] = field(default_factory=list)
+    ping_interval_s: float = PING_INTERVAL_S
+    lost_after_s: float = LOST_AFTER_S
+    joint_count: int | None = None
+
+
+class GatewayPeer:
+    def __init__(
+        self,
+        config: PeerConfig,
+        *,
+        on_command: Callable[[JointFrame], None] = lambda _frame: None,
+        on_follower: Callable[[FollowerFrame], None] = lambda _frame: None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.config = config
+        self._on_command = on_command
+        self._on_follower = on_follower
+        self._clock = clock
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(config.ice_servers)))
+        self.cmd = self.pc.createDataChannel(
+            "cmd", ordered=False, maxRetransmits=0, negotiated=True, id=CMD_CHANNEL_ID
+        )
+        self.state = self.pc.createDataChannel("state", negotiated=True, id=STATE_CHANNEL_ID)
+        self.cmd.on("message", self._on_cmd_message)
+        self.state.on("message", self._on_state_message)
+        self.monitor: LinkMonitor | None = None
+        self.answer_pings = True  # tests pause this to play a hung peer
+        self._encoder = FrameEncoder()
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._opened = asyncio.Event()
+        self.state.on("open", self._opened.set)
+        self.commands_dropped = 0
+
+    # --- signaling ------------------------------------------------------------------------
+
+    async def make_offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def accept_offer(self, sdp: str) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def wait_open(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._opened.wait(), timeout_s)
+        self.monitor = LinkMonitor(
+            self._clock(),
+            ping_interval_s=self.config.ping_interval_s,
+            lost_after_s=self.config.lost_after_s,
+        )
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def send_command(self, frame: JointFrame) -> None:
+        if self.cmd.readyState == "open":
+            self.cmd.send(self._packer.pack(body_of(frame)))
+
+    def send_follower(self, frame: FollowerFrame) -> None:
+        if self.state.readyState == "open":
+            self.state.send(self._packer.pack({"k": "follower", **body_of(frame)}))
+
+    # --- link health ------------------------------------------------------------------------
+
+    async def watch_link(self, poll_s: float = 0.01) -> str:
+        """Ping until the link is lost or the connection fails; returns why it ended."""
+        if self.monitor is None:
+            raise RuntimeError("watch_link() before wait_open()")
+        while True:
+            now = self._clock()
+            due = self.monitor.ping_due(now)
+            if due is not None and self.state.readyState == "open":
+                ping_id, t1 = due
+                self.state.send(self._packer.pack({"k": "ping", "id": ping_id, "t1": t1}))
+            if not self.monitor.alive(now):
+                return "link_lost"
+            if self.pc.connectionState in ("failed", "closed"):
+                return f"connection_{self.pc.connectionState}"
+            await asyncio.sleep(poll_s)
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def _on_cmd_message(self, message: Any) -> None:
+        frame = self._decode(message, "joints", "cmd")
+        if not isinstance(frame, JointFrame):
+            return
+        local_t = None if self.monitor is None else self.monitor.offset.to_local(frame.t)
+        if local_t is None:
+            # No clock offset yet (first pong pending, <= one ping interval): a command whose
+            # age cannot be judged is not handed to the arm.
+            self.commands_dropped += 1
+            return
+        self._on_command(replace(frame, t=local_t))
+
+    def _on_state_message(self, message: Any) -> None:
+        now = self._clock()
+        if not isinstance(message, bytes) or len(message) > MAX_CHANNEL_MESSAGE:
+            return self._drop("state", "too_large" if isinstance(message, bytes) else "schema")
+        try:
+            body = msgpack.unpackb(message, raw=False, strict_map_key=True)
+        except Exception:  # corrupt input: many exception types, one meaning
+            return self._drop("state", "malformed")
+        if not isinstance(body, dict):
+            return self._drop("state", "malformed")
+        kind = body.get("k")
+        if kind == "ping" and self.answer_pings:
+            if type(body.get("id")) is int and type(body.get("t1")) is int:
+                pong = {"k": "pong", "id": body["id"], "t2": now, "t3": self._clock()}
+                self.state.send(self._packer.pack(pong))
+        elif kind == "pong" and self.monitor is not None:
+            ping_id, t2, t3 = body.get("id"), body.get("t2"), body.get("t3")
+            if all(type(v) is int for v in (ping_id, t2, t3)):
+                sample = self.monitor.on_pong(ping_id, t2, t3, now)
+                if sample is not None:
+                    metrics.LINK_RTT.observe(sample.rtt_ns / 1e9)
+        elif kind == "follower":
+            frame = self._decode(message, "follower", "state", body=body)
+            if isinstance(frame, FollowerFrame):
+                self._on_follower(frame)
+        return None
+
+    def _decode(self, message: Any, schema: str, stream: str, body: dict | None = None):
+        if not isinstance(message, bytes):
+            return self._drop(stream, "schema")
+        topic = b"joints.command" if schema == "joints" else b"joints.follower"
+        try:
+            return decode(
+                [topic, message],
+                schema,
+                max_bytes=MAX_CHANNEL_MESSAGE,
+                joint_count=self.config.joint_count,
+            )
+        except FrameError as error:
+            return self._drop(stream, error.reason)
+
+    def _drop(self, stream: str, reason: str) -> None:
+        metrics.FRAMES_DROPPED.labels(stream=f"dc.{stream}", reason=reason).inc()
+        return None
