@@ -23,6 +23,7 @@ class ArmStatus:
     worst_error: float = 0.0  # largest |leader - follower| seen in this window, any joint
     states: set[str] = field(default_factory=set)
     sessions: dict[str, str] = field(default_factory=dict)  # station -> session summary
+    seen: set[tuple[str, str, int]] = field(default_factory=set)
 
     def take_health(self, frame: MessageFrame) -> None:
         fields = frame.fields
@@ -32,6 +33,12 @@ class ArmStatus:
         self.sessions[frame.src] = f"{state} with {peer}" if peer else str(state)
 
     def take(self, topic: str, frame: object) -> None:
+        # The demo's follower frames appear on both stations' buses (the teleop gateway
+        # republishes them): count each frame once.
+        key = (topic, getattr(frame, "src", ""), getattr(frame, "seq", -1))
+        if key in self.seen:
+            return
+        self.seen.add(key)
         if topic == "joints.leader" and isinstance(frame, JointFrame):
             self.leader = frame
             self.leader_frames += 1

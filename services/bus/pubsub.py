@@ -142,6 +142,16 @@ class Subscriber:
             if received is not None:
                 return received
 
+    @property
+    def fd(self) -> int:
+        """A file descriptor an event loop can watch (edge-triggered: read until pending() is
+        False after every wake-up, or wake-ups are lost)."""
+        return self._socket.getsockopt(zmq.FD)
+
+    def pending(self) -> bool:
+        """A message (valid or not) is queued right now."""
+        return bool(self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
     def drain(self, limit: int = 1000) -> list[Received]:
         """Every valid frame already queued, oldest first, at most `limit` raw messages read."""
         out = []

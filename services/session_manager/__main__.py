@@ -159,6 +159,8 @@ class SessionManager:
         self.gateway = Subscriber(bus, ["session.status"])
         self.health = HealthBeat(self.publisher, self.me, PROCESS)
         self.next_presence = 0.0
+        self.connect_event: dict[str, Any] | None = None
+        self.next_connect_repeat = 0.0
         self._set_state_gauge()
 
     def presence(self) -> Presence:
@@ -194,6 +196,7 @@ class SessionManager:
                     self.handle(event, time.monotonic())
                 now = time.monotonic()
                 self.apply(self.machine.on_tick(now, self.board))
+                self.repeat_connect(now)
                 if now >= self.next_presence:
                     self.publish_presence()
                     self.export_board(now)
@@ -259,13 +262,29 @@ class SessionManager:
                 expiry_s=10,
             )
         for event in actions.bus:
-            frame = MessageFrame(self.publisher.next_seq(), time.time_ns(), self.me, event)
-            self.publisher.send("session.control", frame)
+            self.send_control(event)
+            if event.get("event") == "connect":
+                self.connect_event = event
         if actions.outcome is not None and actions.outcome != "rejected":
             metrics.SESSIONS.labels(outcome=actions.outcome).inc()
         if actions.presence_changed:
             self.publish_presence()
             self._set_state_gauge()
+
+    def send_control(self, event: dict[str, Any]) -> None:
+        frame = MessageFrame(self.publisher.next_seq(), time.time_ns(), self.me, event)
+        self.publisher.send("session.control", frame)
+
+    def repeat_connect(self, now: float) -> None:
+        """While paired, say `connect` again each second: a gateway that (re)started after the
+        first one must not wait out the paired time-out. The gateway ignores repeats."""
+        if self.machine.state != "paired" or self.connect_event is None:
+            return
+        if self.connect_event.get("session") != self.machine.session:
+            return
+        if now >= self.next_connect_repeat:
+            self.send_control(self.connect_event)
+            self.next_connect_repeat = now + 1.0
 
     def publish_presence(self) -> None:
         self.link.publish(

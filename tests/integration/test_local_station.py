@@ -17,38 +17,28 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import msgpack
 import pytest
 import zmq
 
-from services.arm_driver.safety import SafetyConfig
-from services.bus import FollowerFrame, JointFrame, Subscriber
-from services.sim import SO101_REST, SimFollowerConfig, SimLeaderConfig
-from services.sim.leader import SweepMotion
+from services.bus import Subscriber
+from tests.support.arm_checks import (
+    DEFAULTS,
+    NOISE_SLACK,
+    PERIOD_S,
+    TRACKING_BOUND,
+    collect,
+    followers,
+    max_goal_step,
+    tracking_errors,
+    wait_for_state,
+)
 from tests.support.station import Station
 
 pytestmark = pytest.mark.integration
 
-DEFAULTS = SafetyConfig(limits=((0.0, 1.0),))
-RATE_HZ = DEFAULTS.rate_hz
-PERIOD_S = 1.0 / RATE_HZ
-SIM = SimFollowerConfig()
-LEADER = SimLeaderConfig()
-PEAK_SPEED = SweepMotion(
-    LEADER.limits, SO101_REST, LEADER.period_s, LEADER.amplitude
-).peak_speed_bound()
-TRACKING_BOUND = PEAK_SPEED * (SIM.lag_tau_s + 2 * PERIOD_S) + 1.0
-NOISE_SLACK = 8 * SIM.noise_std  # a single noisy reading stays well inside this
 PROGRAMS = ["follower_arm", "local_link", "leader_arm"]
-
-
-@dataclass
-class Sample:
-    topic: str
-    frame: JointFrame | FollowerFrame
-    recv_ns: int
 
 
 @pytest.fixture
@@ -59,60 +49,6 @@ def station() -> Iterator[Station]:
         yield station
     finally:
         station.stop()
-
-
-def collect(subscriber: Subscriber, seconds: float, until=None) -> list[Sample]:
-    """Frames received for `seconds`, or until `until(sample)` is true."""
-    samples = []
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        received = subscriber.recv(timeout_ms=min(remaining, 0.1) * 1000)
-        if received is None:
-            continue
-        sample = Sample(received.topic, received.frame, received.recv_ns)
-        samples.append(sample)
-        if until is not None and until(sample):
-            break
-    return samples
-
-
-def followers(samples: list[Sample]) -> list[FollowerFrame]:
-    return [s.frame for s in samples if isinstance(s.frame, FollowerFrame)]
-
-
-def wait_for_state(subscriber: Subscriber, state: str, timeout_s: float) -> list[Sample]:
-    samples = collect(
-        subscriber,
-        timeout_s,
-        until=lambda s: isinstance(s.frame, FollowerFrame) and s.frame.state == state,
-    )
-    seen = [f.state for f in followers(samples)]
-    assert seen and seen[-1] == state, f"follower never reached {state!r}; states seen: {set(seen)}"
-    return samples
-
-
-def tracking_errors(samples: list[Sample]) -> list[float]:
-    """|leader - follower| for each follower frame, against the latest leader frame before it."""
-    leader = None
-    errors = []
-    for sample in samples:
-        if sample.topic == "joints.leader":
-            leader = sample.frame
-        elif leader is not None:
-            errors.append(
-                max(abs(a - b) for a, b in zip(leader.pos, sample.frame.pos, strict=True))
-            )
-    return errors
-
-
-def max_goal_step(frames: list[FollowerFrame]) -> float:
-    """Largest goal change between consecutive frames, in units of max_step per elapsed tick."""
-    worst = 0.0
-    for before, after in itertools.pairwise(frames):
-        ticks = max(1.0, (after.t - before.t) / 1e9 / PERIOD_S)
-        change = max(abs(a - b) for a, b in zip(before.goal, after.goal, strict=True))
-        worst = max(worst, (change - NOISE_SLACK) / (DEFAULTS.max_step * ticks))
-    return worst
 
 
 def test_follower_tracks_holds_on_leader_kill_and_resumes_without_jump(station: Station) -> None:

@@ -1,0 +1,276 @@
+"""WebRTC gateway process: joins this station's bus to the peer station over aiortc.
+
+Driven by the session manager: `session.control {connect}` starts a peer (the teleop offers,
+the robot answers), SDP travels only through the session manager's signed signaling
+(`session.status`/`session.control {signal}`), and `connected` / `closed` go back on
+`session.status`. Teleop: `joints.leader` -> `cmd` channel; `joints.follower` <- `state`.
+Robot: `cmd` -> `joints.command` (time on the robot's clock); `joints.follower` -> `state`.
+On link loss it reports `closed` and stops forwarding, so the follower's deadman holds the arm.
+One asyncio loop; bus sockets are watched through their file descriptors. It must never
+forward a command it could not validate or date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aiortc import RTCIceServer
+
+from services import metrics
+from services.bus import (
+    BusConfigError,
+    FollowerFrame,
+    JointFrame,
+    MessageFrame,
+    Publisher,
+    Subscriber,
+    load_bus_map,
+)
+from services.bus.health import HealthBeat
+from services.logs import setup_logging
+from services.webrtc_gateway.peer import GatewayPeer, PeerConfig, restrict_host_candidates
+
+PROCESS = "gateway"
+EXIT_CONFIG = 78
+log = logging.getLogger("rdv.gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.webrtc_gateway",
+        description="Connect this station to its paired peer over WebRTC, as the session "
+        "manager directs: leader joints out (teleop) or commands in (robot), follower state "
+        "back, link loss detected within 500 ms.",
+    )
+    parser.add_argument("--role", choices=("robot", "teleop"), required=True,
+                        help="which side this station is (no default: give it)")  # fmt: skip
+    parser.add_argument(
+        "--ice-host",
+        action="append",
+        default=None,
+        help="offer only this local address as an ICE host candidate; repeat for more; "
+        "127.0.0.1 keeps two stations on one machine on loopback (default: $RDV_ICE_HOSTS, "
+        "comma-separated, else every interface)",
+    )
+    parser.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        help="STUN/TURN URL such as turn:turn.example:3478; repeat for more "
+        "(default: none, so nothing is contacted unasked)",
+    )
+    parser.add_argument("--ice-username", default=None, help="TURN username (default: none)")
+    parser.add_argument(
+        "--ice-credential",
+        default=os.environ.get("RDV_ICE_CREDENTIAL"),
+        help="TURN password (default: $RDV_ICE_CREDENTIAL)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from the session's start until the channels must be open "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--station",
+        default=os.environ.get("RDV_STATION", "local"),
+        help="station id for health frames (default: $RDV_STATION or %(default)s)",
+    )
+    parser.add_argument("--bus-config", default=None, help="bus map (default: bus_config)")
+    parser.add_argument("--run-dir", default=None, help="bus socket dir (default: $RDV_RUN_DIR)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="default: the bus map's, plus offsets"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
+        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
+    )
+    return parser
+
+
+class Gateway:
+    def __init__(self, args: argparse.Namespace, bus: Any) -> None:
+        self.args = args
+        self.role = args.role
+        topics = [
+            "session.control",
+            "joints.leader" if self.role == "teleop" else "joints.follower",
+        ]
+        self.subscriber = Subscriber(bus, topics)
+        self.publisher = Publisher(bus, PROCESS)
+        self.health = HealthBeat(self.publisher, args.station, PROCESS)
+        self.ice_servers = [
+            RTCIceServer(urls=url, username=args.ice_username, credential=args.ice_credential)
+            for url in args.ice_server
+        ]
+        self.peer: GatewayPeer | None = None
+        self.session: str | None = None
+        self.tasks: set[asyncio.Task] = set()  # held so the loop cannot drop them mid-flight
+        self.answer: asyncio.Future | None = None
+        self.offer: asyncio.Future | None = None
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.subscriber.fd, self.on_bus)
+        loop.call_soon(self.on_bus)  # messages queued before the reader was added
+        try:
+            while not self.stop.is_set():
+                self.health.maybe_send(
+                    state="live" if self.peer and self.peer.monitor else "idle",
+                    session=self.session,
+                    rtt_ms=None if not self.peer or not self.peer.monitor or
+                    self.peer.monitor.rtt_ns is None else self.peer.monitor.rtt_ns / 1e6,
+                )  # fmt: skip
+                await asyncio.sleep(0.2)
+        finally:
+            loop.remove_reader(self.subscriber.fd)
+            await self.end_session("gateway stopping", report=True)
+            self.subscriber.close()
+            self.publisher.close()
+
+    # --- bus -------------------------------------------------------------------------------
+
+    def on_bus(self) -> None:
+        # The ZeroMQ fd is edge-triggered: read until nothing is pending, every time.
+        while self.subscriber.pending():
+            for received in self.subscriber.drain(limit=100):
+                self.on_frame(received.topic, received.frame)
+
+    def on_frame(self, topic: str, frame: Any) -> None:
+        if topic == "session.control" and isinstance(frame, MessageFrame):
+            self.on_control(frame.fields)
+        elif topic == "joints.leader" and isinstance(frame, JointFrame) and self.peer:
+            self.peer.send_command(frame)
+        elif topic == "joints.follower" and isinstance(frame, FollowerFrame) and self.peer:
+            self.peer.send_follower(frame)
+
+    def on_control(self, event: dict[str, Any]) -> None:
+        name, session = event.get("event"), event.get("session")
+        if name == "connect" and isinstance(session, str):
+            if session != self.session:
+                # Set up synchronously: the peer's offer may be the very next bus frame.
+                old_peer, self.peer = self.peer, None
+                loop = asyncio.get_running_loop()
+                self.session = session
+                self.offer, self.answer = loop.create_future(), loop.create_future()
+                initiator = bool(event.get("initiator"))
+                self.spawn(self.start_session(session, initiator, old_peer))
+        elif name == "disconnect" and session == self.session:
+            self.spawn(self.end_session(f"session ended: {event.get('reason')}"))
+        elif name == "signal" and session == self.session and isinstance(event.get("sdp"), str):
+            waiting = self.offer if event.get("kind") == "signal.offer" else self.answer
+            if waiting is not None and not waiting.done():
+                waiting.set_result(event["sdp"])
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def say(self, **fields: Any) -> None:
+        frame = MessageFrame(self.publisher.next_seq(), time.time_ns(), self.args.station, fields)
+        self.publisher.send("session.status", frame)
+
+    # --- sessions --------------------------------------------------------------------------
+
+    async def start_session(
+        self, session: str, initiator: bool, old_peer: GatewayPeer | None
+    ) -> None:
+        if old_peer is not None:
+            await old_peer.close()
+        peer = GatewayPeer(
+            PeerConfig(initiator=initiator, ice_servers=self.ice_servers),
+            on_command=self.forward_command,
+            on_follower=self.forward_follower,
+        )
+        if self.session != session:  # superseded while the old peer was closing
+            await peer.close()
+            return
+        self.peer = peer
+        log.info("session %s: connecting (%s)", session, "offering" if initiator else "answering")
+
+        async def connect() -> None:
+            if initiator:
+                offer = await peer.make_offer()
+                self.say(event="signal", kind="signal.offer", session=session, sdp=offer)
+                await peer.accept_answer(await self.answer)
+            else:
+                answer = await peer.accept_offer(await self.offer)
+                self.say(event="signal", kind="signal.answer", session=session, sdp=answer)
+            await peer.wait_open(self.args.connect_timeout)
+
+        try:
+            await asyncio.wait_for(connect(), self.args.connect_timeout)
+        except (asyncio.TimeoutError, ValueError) as exc:
+            if self.peer is peer:
+                log.warning("session %s: could not connect (%s)", session, exc or "time-out")
+                await self.end_session("connect failed", report=True, status="failed")
+            else:
+                await peer.close()
+            return
+        if self.peer is not peer:  # ended or replaced while connecting
+            await peer.close()
+            return
+        self.say(event="connected", session=session)
+        log.info("session %s: live", session)
+        reason = await peer.watch_link()
+        if self.peer is peer:
+            log.warning("session %s: %s", session, reason)
+            await self.end_session(reason, report=True)
+
+    async def end_session(self, why: str, *, report: bool = False, status: str = "closed") -> None:
+        peer, session = self.peer, self.session
+        self.peer, self.session = None, None
+        if peer is None:
+            return
+        if report and session is not None:
+            self.say(event=status, session=session, reason=why)
+        log.info("session %s closed: %s", session, why)
+        await peer.close()
+
+    def forward_command(self, frame: JointFrame) -> None:
+        """Robot side: a validated command, its time on our clock, onto the station bus."""
+        self.publisher.send("joints.command", frame)
+
+    def forward_follower(self, frame: FollowerFrame) -> None:
+        """Teleop side: the robot's follower state onto this station's bus."""
+        self.publisher.send("joints.follower", frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.log_level, PROCESS)
+    hosts = args.ice_host or [h for h in os.environ.get("RDV_ICE_HOSTS", "").split(",") if h]
+    if hosts:
+        restrict_host_candidates(hosts)
+    try:
+        bus = load_bus_map(args.bus_config, run_dir=args.run_dir)
+    except BusConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    metrics.serve_metrics(args.metrics_port or bus.metrics_port(PROCESS))
+
+    async def serve() -> None:
+        gateway = Gateway(args, bus)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, gateway.stop.set)
+        await gateway.run()
+
+    asyncio.run(serve())
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
