@@ -86,3 +86,21 @@ LINK_RTT = Histogram(
     "Round-trip time of the station-to-station link, from pings on the reliable channel.",
     buckets=LATENCY_BUCKETS,
 )
+VIDEO_LATENCY = Histogram(
+    "rdv_video_latency_seconds",
+    "Capture at the robot station to decoded at the teleop station, by camera; robot capture "
+    "times are moved to the teleop clock with the link's offset estimate.",
+    ["camera"],
+    buckets=LATENCY_BUCKETS,
+)
+VIDEO_FRAMES_DECODED = Counter(
+    "rdv_video_frames_decoded_total",
+    "Video frames decoded at the receiving station, by camera (fps = rate of this).",
+    ["camera"],
+)
+CAMERA_UP = Gauge(
+    "rdv_camera_up", "1 while the camera delivers frames, 0 while it fails.", ["camera"]
+)
+CAMERA_FAILURES = Counter(
+    "rdv_camera_failures_total", "Times a camera failed to open or deliver a frame.", ["camera"]
+)

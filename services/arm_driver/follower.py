@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
-from services import metrics
+from services import clock, metrics
 from services.arm_driver.config import DriverConfig
 from services.arm_driver.devices import joint_keys, joint_limits, set_torque
 from services.arm_driver.safety import FollowerSafety, Step
@@ -60,7 +59,7 @@ class FollowerLoop:
                 got_command = False
                 if received is not None:
                     batch = [received, *self.subscriber.drain()]
-                    now_ns = time.time_ns()
+                    now_ns = clock.now_ns()
                     for item in batch:
                         reason = self.safety.offer(item.frame, now_ns)
                         if reason is None:
@@ -69,7 +68,7 @@ class FollowerLoop:
                             metrics.COMMANDS_REJECTED.labels(reason=reason).inc()
                 tick = self.ticker.due()
                 if got_command or tick:
-                    self._apply(self.safety.step(self.measured, time.time_ns()))
+                    self._apply(self.safety.step(self.measured, clock.now_ns()))
                 if tick:
                     self.measured = self._read()
                     self._publish_state()
@@ -110,7 +109,7 @@ class FollowerLoop:
             if self._try(lambda: self.device.send_action(action), "write"):
                 self.sent_goal = step.goal
                 if step.applied is not None:
-                    latency_s = (time.time_ns() - step.applied.t) / 1e9
+                    latency_s = (clock.now_ns() - step.applied.t) / 1e9
                     metrics.CONTROL_LATENCY.observe(max(0.0, latency_s))
 
     safety_state = "waiting"
@@ -127,7 +126,7 @@ class FollowerLoop:
         applied = self.safety.last_applied
         frame = FollowerFrame(
             seq=self.publisher.next_seq(),
-            t=time.time_ns(),
+            t=clock.now_ns(),
             src=self.config.station,
             pos=self.measured,
             goal=self.safety.goal,

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from typing import Any
 
-from services import metrics
+from services import clock, metrics
 from services.arm_driver.config import DriverConfig
 from services.arm_driver.devices import joint_keys
 from services.arm_driver.ticker import Ticker
@@ -39,7 +38,7 @@ def run_leader(config: DriverConfig, device: Any, bus: BusMap, stop: threading.E
                 overruns = ticker.overruns
             try:
                 action = device.get_action()
-                read_ns = time.time_ns()
+                read_ns = clock.now_ns()
                 pos = tuple(float(action[key]) for key in keys)
                 if not all(math.isfinite(value) for value in pos):
                     raise ValueError(f"non-finite reading {pos}")

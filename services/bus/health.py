@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from services import clock
 from services.bus.frames import MessageFrame
 from services.bus.pubsub import Publisher
 
@@ -28,7 +29,7 @@ class HealthBeat:
         self._next = now + self._period_s
         frame = MessageFrame(
             self._publisher.next_seq(),
-            time.time_ns(),
+            clock.now_ns(),
             self._station,
             {"process": self._process, **fields},
         )

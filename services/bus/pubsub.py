@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from services import metrics
+from services import clock, metrics
 from services.bus.config import BusMap
 from services.bus.frames import Frame, FrameEncoder, FrameError, decode
 
@@ -166,7 +166,7 @@ class Subscriber:
         return out
 
     def _accept(self, parts: list[bytes]) -> Received | None:
-        recv_ns = time.time_ns()
+        recv_ns = clock.now_ns()
         topic = self._topic_of(parts[0])
         try:
             if topic is None:

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from services import __version__, metrics
+from services import __version__, clock, metrics
 from services.bus import BusConfigError, MessageFrame, Publisher, Subscriber, load_bus_map
 from services.bus.health import HealthBeat
 from services.logs import setup_logging
@@ -272,7 +272,7 @@ class SessionManager:
             self._set_state_gauge()
 
     def send_control(self, event: dict[str, Any]) -> None:
-        frame = MessageFrame(self.publisher.next_seq(), time.time_ns(), self.me, event)
+        frame = MessageFrame(self.publisher.next_seq(), clock.now_ns(), self.me, event)
         self.publisher.send("session.control", frame)
 
     def repeat_connect(self, now: float) -> None:

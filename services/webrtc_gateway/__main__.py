@@ -18,12 +18,11 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 from aiortc import RTCIceServer
 
-from services import metrics
+from services import clock, metrics
 from services.bus import (
     BusConfigError,
     FollowerFrame,
@@ -178,7 +177,7 @@ class Gateway:
         task.add_done_callback(self.tasks.discard)
 
     def say(self, **fields: Any) -> None:
-        frame = MessageFrame(self.publisher.next_seq(), time.time_ns(), self.args.station, fields)
+        frame = MessageFrame(self.publisher.next_seq(), clock.now_ns(), self.args.station, fields)
         self.publisher.send("session.status", frame)
 
     # --- sessions --------------------------------------------------------------------------

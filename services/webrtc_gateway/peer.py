@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +22,7 @@ import aioice.ice
 import msgpack
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from services import metrics
+from services import clock, metrics
 from services.bus.frames import (
     FollowerFrame,
     FrameEncoder,
@@ -69,7 +68,7 @@ class GatewayPeer:
         *,
         on_command: Callable[[JointFrame], None] = lambda _frame: None,
         on_follower: Callable[[FollowerFrame], None] = lambda _frame: None,
-        clock: Callable[[], int] = time.time_ns,
+        clock: Callable[[], int] = clock.now_ns,
     ) -> None:
         self.config = config
         self._on_command = on_command
