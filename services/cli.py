@@ -25,6 +25,7 @@ from services.arm_driver.config import (
     parse_driver_args,
 )
 from services.bus.config import REPO_ROOT
+from services.camera.config import CAMERAS_ENV, CameraConfigError, parse_cameras
 from services.session_manager.trust_cli import (
     add_identity_parser,
     add_register_parser,
@@ -36,6 +37,8 @@ from services.session_manager.trust_cli import (
 from services.status import watch
 
 DEPLOY_DIR = REPO_ROOT / "deploy"
+# A sim arm gets a sim camera that draws it, so a viewer sees it move.
+SIM_CAMERAS = '{"front": {"type": "sim", "width": 640, "height": 480, "fps": 30}}'
 BENCHMARKS = {"presence": "bench.presence"}
 STATIONS = {
     # command: (supervisord config, run dir name, device kind, process)
@@ -162,6 +165,16 @@ def station_flags(kind: str) -> argparse.ArgumentParser:
     """The flags of `rdv robot`/`rdv teleop`: the arm driver's, plus the port offset."""
     flags = argparse.ArgumentParser(add_help=False)
     add_device_flags(flags, kind, default_type="sim")
+    if kind == "robot":
+        flags.add_argument(
+            "--robot.cameras",
+            dest="cameras",
+            default=None,
+            help='the station\'s cameras, LeRobot-style JSON, e.g. \'{"front": {"type": '
+            '"opencv", "index_or_path": 0, "width": 640, "height": 480, "fps": 30}}\'; run by '
+            "rdv's camera service, not the arm driver (default: $RDV_CAMERAS, else one sim "
+            "camera with a sim arm, none with a real one)",
+        )
     add_control_flags(flags)
     add_station_flags(flags)
     _add_port_offset(flags)
@@ -230,11 +243,37 @@ def run_station(name: str, argv: list[str], port_offset: int) -> int:
     # Validate now so a typo fails here, not in a restart loop; later flags win over the
     # config's own defaults (--robot.type=sim) because they are appended after them.
     checker = argparse.ArgumentParser(prog=f"rdv {name}", parents=[station_flags(kind)])
-    parse_driver_args(flags, checker)
+    flags, cameras = _split_cameras(flags)
+    driver = parse_driver_args(flags, checker)
     env = {f"RDV_{process.upper()}_ARGS": shlex.join(flags), "RDV_PORT_OFFSET": str(port_offset)}
+    if kind == "robot":
+        if cameras is None:
+            cameras = os.environ.get(CAMERAS_ENV) or (
+                SIM_CAMERAS if driver.device.type == "sim" else ""
+            )
+        try:
+            parse_cameras(cameras)
+        except CameraConfigError as exc:
+            checker.error(f"--robot.cameras: {exc}")
+        env[CAMERAS_ENV] = cameras
     print(f"rdv: {name} station starting (deploy/{conf}); logs in run/{run_name}/; Ctrl-C stops")
     supervisord = start_supervisord(DEPLOY_DIR / conf, env)
     return _wait_foreground(supervisord, seconds=None)
+
+
+def _split_cameras(flags: list[str]) -> tuple[list[str], str | None]:
+    """The station's --robot.cameras (for the camera service), and the arm driver's flags."""
+    rest: list[str] = []
+    cameras = None
+    values = iter(flags)
+    for flag in values:
+        if flag.startswith("--robot.cameras="):
+            cameras = flag.split("=", 1)[1]
+        elif flag == "--robot.cameras":
+            cameras = next(values, "")
+        else:
+            rest.append(flag)
+    return rest, cameras
 
 
 def station_run_dirs(station: str) -> list[Path]:

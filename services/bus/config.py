@@ -60,6 +60,7 @@ class BusMap:
     max_video_bytes: int
     send_hwm: int
     recv_hwm: int
+    video_hwm: int  # queue bound for video topics: a viewer wants the latest frame, not a backlog
     processes: dict[str, ProcessSpec]
     topics: tuple[TopicSpec, ...]
 
@@ -189,6 +190,7 @@ def _parse(
         max_video_bytes=int(bus["max_video_bytes"]),
         send_hwm=int(bus.get("send_hwm", 1000)),
         recv_hwm=int(bus.get("recv_hwm", 1000)),
+        video_hwm=int(bus.get("video_hwm", 2)),
         processes=processes,
         topics=tuple(topics),
     )

@@ -57,12 +57,19 @@ class DropLog:
 class Publisher:
     """Binds this process's endpoint and sends frames; owns the per-publisher `seq` counter."""
 
-    def __init__(self, bus: BusMap, process: str, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        bus: BusMap,
+        process: str,
+        *,
+        context: zmq.Context | None = None,
+        send_hwm: int | None = None,
+    ) -> None:
         self.endpoint = bus.endpoint(process)
         if bus.transport == "ipc":
             bus.run_dir.mkdir(parents=True, exist_ok=True)
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
-        self._socket.setsockopt(zmq.SNDHWM, bus.send_hwm)
+        self._socket.setsockopt(zmq.SNDHWM, bus.send_hwm if send_hwm is None else send_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         try:
             self._socket.bind(self.endpoint)
@@ -105,6 +112,7 @@ class Subscriber:
         joint_count: int | None = None,
         context: zmq.Context | None = None,
         on_drop: Callable[[str, FrameError], None] | None = None,
+        recv_hwm: int | None = None,
     ) -> None:
         self._bus = bus
         self._on_drop = on_drop
@@ -115,7 +123,7 @@ class Subscriber:
         self._joint_count = joint_count
         self._drop_log = DropLog()
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
-        self._socket.setsockopt(zmq.RCVHWM, bus.recv_hwm)
+        self._socket.setsockopt(zmq.RCVHWM, bus.recv_hwm if recv_hwm is None else recv_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         # A hard memory guard only: libzmq drops the whole connection on a part above it, so
         # the per-topic caps are checked (and counted) in Python, well below this ceiling.

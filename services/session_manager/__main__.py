@@ -25,6 +25,7 @@ from typing import Any
 from services import __version__, clock, metrics
 from services.bus import BusConfigError, MessageFrame, Publisher, Subscriber, load_bus_map
 from services.bus.health import HealthBeat
+from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
 from services.logs import setup_logging
 from services.session_manager.identity import IdentityError, TrustRoster, config_dir, load_identity
 from services.session_manager.mqtt_link import Connected, Disconnected, Incoming, MqttLink
@@ -73,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "with robots announcing the same (default: SO101's six)",
     )
     parser.add_argument(
-        "--cameras", default="", help="comma-separated camera names announced (default: none)"
+        "--cameras",
+        default=",".join(camera_names(cameras_from_env())),
+        help=f"comma-separated camera names announced (default: the names in ${CAMERAS_ENV}, "
+        "the station's camera settings, else none)",
     )
     parser.add_argument(
         "--peer", default=None, help="teleop: pair only with this robot id (default: any)"

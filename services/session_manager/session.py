@@ -76,6 +76,7 @@ class SessionMachine:
         self.peer: str | None = None
         self.last_partner: str | None = None
         self._deadline: float | None = None
+        self._live_since = 0.0
         self._corr: str | None = None
         self._candidates: list[str] = []
         self._retry_at = 0.0
@@ -89,8 +90,7 @@ class SessionMachine:
 
     def on_tick(self, now: float, board: PresenceBoard) -> Actions:
         actions = Actions()
-        peer_gone = self.peer is not None and board.status(self.peer, now) != "online"
-        if self.state in ("paired", "live") and peer_gone:
+        if self.state in ("paired", "live") and self._peer_gone(board, now):
             return self._end(now, "peer_lost", notify=False)
         if self._deadline is not None and now >= self._deadline:
             if self.state == "requesting":
@@ -104,6 +104,33 @@ class SessionMachine:
             else:
                 self._retry_at = now + self.timeouts.retry_s
         return actions
+
+    def _peer_gone(self, board: PresenceBoard, now: float) -> bool:
+        """Whether the peer's presence says the session is over.
+
+        Paired, the link is not up yet: a peer whose presence is not fresh and online is given
+        up. Live, the gateways' ping/pong is the authority on the peer, and presence is only
+        believed when it cannot be an artefact of the broker: stale presence means no refresh
+        reached us (broker down, the peer's session manager paused), and `offline` may be the
+        peer's Last Will published by a broker that is shutting down (Mosquitto 2 sends every
+        will when it stops) or a will retained from before. Either way ending would cut a
+        working link. What ends a live session is presence sent after it went live that is
+        online and not in this session (the peer's session manager restarted and forgot it),
+        presence removed, `session.end`, or the gateway reporting the link closed.
+        """
+        assert self.peer is not None
+        status = board.status(self.peer, now)
+        if self.state != "live":
+            return status != "online"
+        if status == "unknown":
+            return True
+        sighting = board.stations[self.peer]
+        presence = sighting.presence
+        return (
+            presence.status == "online"
+            and sighting.received_s > self._live_since
+            and presence.session != self.session
+        )
 
     def on_message(self, kind: str, sender: str, body: dict[str, Any], now: float,
                    board: PresenceBoard) -> Actions:  # fmt: skip
@@ -124,7 +151,7 @@ class SessionMachine:
             if body.get("corr") != self._corr:
                 return Actions()
             if kind == "session.accept":
-                return self._pair(sender, now)
+                return self._pair(sender, now, board)
             log.info("robot %s refused: %s", sender, body.get("reason"))
             return self._next_candidate(now, board)
         if kind == "session.end" and sender == self.peer and session == self.session:
@@ -142,6 +169,7 @@ class SessionMachine:
         if name == "connected" and self.state == "paired":
             self.state = "live"
             self._deadline = None
+            self._live_since = now
             log.info("session %s live with %s", self.session, self.peer)
             return Actions(presence_changed=True)
         if name in ("closed", "failed") and self.state in ("paired", "live"):
@@ -183,7 +211,7 @@ class SessionMachine:
             reject = {**reply, "reason": "not_ready"}
             return Actions(sends=[Send("session.reject", sender, reject)])
         self.session = session
-        actions = self._pair(sender, now)
+        actions = self._pair(sender, now, board)
         actions.sends.insert(0, Send("session.accept", sender, reply))
         return actions
 
@@ -235,13 +263,14 @@ class SessionMachine:
 
     # --- both ---------------------------------------------------------------------------------
 
-    def _pair(self, peer: str, now: float) -> Actions:
+    def _pair(self, peer: str, now: float, board: PresenceBoard) -> Actions:
         self.state = "paired"
         self.peer = peer
         self.last_partner = peer
         self._deadline = now + self.timeouts.paired_s
         self._candidates = []
         log.info("paired with %s, session %s", peer, self.session)
+        sighting = board.stations.get(peer)
         event = {
             "event": "connect",
             "session": self.session,
@@ -249,6 +278,8 @@ class SessionMachine:
             "role": self.role,
             # The teleop makes the WebRTC offer; the robot answers.
             "initiator": self.role == "teleop",
+            # What the peer announced: the teleop offers one video stream per robot camera.
+            "peer_cameras": list(sighting.presence.cameras) if sighting else [],
         }
         return Actions(bus=[event], presence_changed=True)
 

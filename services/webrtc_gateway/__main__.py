@@ -30,10 +30,13 @@ from services.bus import (
     MessageFrame,
     Publisher,
     Subscriber,
+    VideoFrame,
     load_bus_map,
 )
 from services.bus.health import HealthBeat
+from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
 from services.logs import setup_logging
+from services.webrtc_gateway.media import CODEC_MIME, check_aiortc, install_encoders
 from services.webrtc_gateway.peer import GatewayPeer, PeerConfig, restrict_host_candidates
 
 PROCESS = "gateway"
@@ -61,15 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ice-server",
         action="append",
-        default=[],
+        default=None,
         help="STUN/TURN URL such as turn:turn.example:3478; repeat for more "
-        "(default: none, so nothing is contacted unasked)",
+        "(default: $RDV_ICE_SERVERS, comma-separated, else none, so nothing is contacted unasked)",
     )
-    parser.add_argument("--ice-username", default=None, help="TURN username (default: none)")
+    parser.add_argument(
+        "--ice-username",
+        default=os.environ.get("RDV_ICE_USERNAME"),
+        help="TURN username (default: $RDV_ICE_USERNAME, else none)",
+    )
     parser.add_argument(
         "--ice-credential",
         default=os.environ.get("RDV_ICE_CREDENTIAL"),
         help="TURN password (default: $RDV_ICE_CREDENTIAL)",
+    )
+    parser.add_argument(
+        "--cameras",
+        default=",".join(camera_names(cameras_from_env())),
+        help="robot: comma-separated cameras to stream, as the camera service publishes them "
+        f"(default: the names in ${CAMERAS_ENV}, else none)",
+    )
+    parser.add_argument(
+        "--video-codec",
+        choices=sorted(CODEC_MIME),
+        default=os.environ.get("RDV_VIDEO_CODEC", "vp8"),
+        help="teleop: the codec asked of the robot's cameras (default: $RDV_VIDEO_CODEC or "
+        "%(default)s)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -105,6 +125,11 @@ class Gateway:
             "joints.leader" if self.role == "teleop" else "joints.follower",
         ]
         self.subscriber = Subscriber(bus, topics)
+        self.cameras = tuple(name for name in args.cameras.split(",") if name)
+        self.video: Subscriber | None = None
+        if self.role == "robot" and self.cameras:
+            # Its own socket, with the video queue bound: a backlog of frames is latency.
+            self.video = Subscriber(bus, ["video.*"], recv_hwm=bus.video_hwm)
         self.publisher = Publisher(bus, PROCESS)
         self.health = HealthBeat(self.publisher, args.station, PROCESS)
         self.ice_servers = [
@@ -122,6 +147,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.subscriber.fd, self.on_bus)
         loop.call_soon(self.on_bus)  # messages queued before the reader was added
+        if self.video is not None:
+            loop.add_reader(self.video.fd, self.on_video_bus)
         try:
             while not self.stop.is_set():
                 self.health.maybe_send(
@@ -133,6 +160,9 @@ class Gateway:
                 await asyncio.sleep(0.2)
         finally:
             loop.remove_reader(self.subscriber.fd)
+            if self.video is not None:
+                loop.remove_reader(self.video.fd)
+                self.video.close()
             await self.end_session("gateway stopping", report=True)
             self.subscriber.close()
             self.publisher.close()
@@ -144,6 +174,17 @@ class Gateway:
         while self.subscriber.pending():
             for received in self.subscriber.drain(limit=100):
                 self.on_frame(received.topic, received.frame)
+
+    def on_video_bus(self) -> None:
+        assert self.video is not None
+        while self.video.pending():
+            latest: dict[str, VideoFrame] = {}
+            for received in self.video.drain(limit=100):
+                if isinstance(received.frame, VideoFrame):
+                    latest[received.topic.removeprefix("video.")] = received.frame
+            if self.peer is not None:
+                for camera, frame in latest.items():
+                    self.peer.send_video(camera, frame)
 
     def on_frame(self, topic: str, frame: Any) -> None:
         if topic == "session.control" and isinstance(frame, MessageFrame):
@@ -163,9 +204,16 @@ class Gateway:
                 self.session = session
                 self.offer, self.answer = loop.create_future(), loop.create_future()
                 initiator = bool(event.get("initiator"))
-                self.spawn(self.start_session(session, initiator, old_peer))
+                cameras = self.cameras
+                if self.role == "teleop":
+                    offered = event.get("peer_cameras")
+                    cameras = tuple(c for c in offered if isinstance(c, str)) if isinstance(
+                        offered, list) else ()  # fmt: skip
+                self.spawn(self.start_session(session, initiator, cameras, old_peer))
         elif name == "disconnect" and session == self.session:
-            self.spawn(self.end_session(f"session ended: {event.get('reason')}"))
+            # `only`: this runs later, when a `connect` queued behind this event (a gateway
+            # resuming from a pause reads both at once) may already have started the next session.
+            self.spawn(self.end_session(f"session ended: {event.get('reason')}", only=session))
         elif name == "signal" and session == self.session and isinstance(event.get("sdp"), str):
             waiting = self.offer if event.get("kind") == "signal.offer" else self.answer
             if waiting is not None and not waiting.done():
@@ -183,12 +231,22 @@ class Gateway:
     # --- sessions --------------------------------------------------------------------------
 
     async def start_session(
-        self, session: str, initiator: bool, old_peer: GatewayPeer | None
+        self,
+        session: str,
+        initiator: bool,
+        cameras: tuple[str, ...],
+        old_peer: GatewayPeer | None,
     ) -> None:
         if old_peer is not None:
             await old_peer.close()
+        config = PeerConfig(
+            initiator=initiator,
+            ice_servers=self.ice_servers,
+            cameras=cameras,
+            video_codec=self.args.video_codec,
+        )
         peer = GatewayPeer(
-            PeerConfig(initiator=initiator, ice_servers=self.ice_servers),
+            config,
             on_command=self.forward_command,
             on_follower=self.forward_follower,
         )
@@ -227,7 +285,11 @@ class Gateway:
             log.warning("session %s: %s", session, reason)
             await self.end_session(reason, report=True)
 
-    async def end_session(self, why: str, *, report: bool = False, status: str = "closed") -> None:
+    async def end_session(
+        self, why: str, *, report: bool = False, status: str = "closed", only: str | None = None
+    ) -> None:
+        if only is not None and self.session != only:
+            return  # that session is already over, and a newer one must not be ended for it
         peer, session = self.peer, self.session
         self.peer, self.session = None, None
         if peer is None:
@@ -249,9 +311,18 @@ class Gateway:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.log_level, PROCESS)
+    try:
+        check_aiortc()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    install_encoders()
     hosts = args.ice_host or [h for h in os.environ.get("RDV_ICE_HOSTS", "").split(",") if h]
     if hosts:
         restrict_host_candidates(hosts)
+    # Under supervisord (deploy/*.conf) the environment is how a station is given its servers.
+    servers = os.environ.get("RDV_ICE_SERVERS", "")
+    args.ice_server = args.ice_server or [url for url in servers.split(",") if url]
     try:
         bus = load_bus_map(args.bus_config, run_dir=args.run_dir)
     except BusConfigError as exc:

@@ -1,26 +1,39 @@
-"""One side of the station-to-station WebRTC link: data channels, pings, link-loss detection.
+"""One side of the station-to-station WebRTC link: data channels, pings, link loss, video.
 
 Two negotiated data channels (same ids on both sides, no in-band announcement):
 - `cmd` (id 0): unordered, zero retransmits, teleop -> robot leader joint frames. A lost frame
   is repaired by the next one; a retransmitted one would only arrive stale.
-- `state` (id 1): reliable, both ways: ping/pong (clock offset, RTT, liveness) and the
-  follower's frames back to the teleop.
-Every frame received is validated by the bus codec before it is handed on, and command times
-are converted to this station's clock. Nothing reaches the public internet unasked: no ICE
-servers unless configured. This module must never hand on a frame that failed validation.
+- `state` (id 1): reliable, both ways: ping/pong (clock offset, RTT, liveness), the follower's
+  frames back to the teleop, and each video frame's capture time (robot -> teleop).
+Video: the teleop asks for one stream per robot camera (recvonly, the chosen codec) and receives
+it through rdv's low-latency receive path (media.py); the robot answers with one CameraTrack per
+camera, fed the newest bus frame. Every frame received on a channel is validated by the bus
+codec before it is handed on, and command times are converted to this station's clock. Nothing
+reaches the public internet unasked: no ICE servers unless configured. This module must never
+hand on a frame that failed validation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aioice.ice
+import av
 import msgpack
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
 
 from services import clock, metrics
 from services.bus.frames import (
@@ -28,15 +41,24 @@ from services.bus.frames import (
     FrameEncoder,
     FrameError,
     JointFrame,
+    VideoFrame,
     body_of,
     decode,
 )
 from services.webrtc_gateway.link import LOST_AFTER_S, PING_INTERVAL_S, LinkMonitor
+from services.webrtc_gateway.media import (
+    RTP_WRAP,
+    CameraTrack,
+    CaptureTimes,
+    fix_receive_path,
+    prefer_codec,
+)
 
 log = logging.getLogger(__name__)
 CMD_CHANNEL_ID = 0
 STATE_CHANNEL_ID = 1
 MAX_CHANNEL_MESSAGE = 4096  # the bus's frame cap: a joint frame is ~100 bytes
+VIDEO_LATENCY_MEMORY = 10_000  # recent glass-to-glass samples kept for benchmarks and tests
 
 
 def restrict_host_candidates(addresses: list[str]) -> None:
@@ -59,6 +81,9 @@ class PeerConfig:
     ping_interval_s: float = PING_INTERVAL_S
     lost_after_s: float = LOST_AFTER_S
     joint_count: int | None = None
+    # Robot: its own cameras, one track each. Teleop: the robot's cameras, one stream asked each.
+    cameras: tuple[str, ...] = ()
+    video_codec: str = "vp8"  # the teleop's choice; the robot answers with what is offered
 
 
 class GatewayPeer:
@@ -68,11 +93,13 @@ class GatewayPeer:
         *,
         on_command: Callable[[JointFrame], None] = lambda _frame: None,
         on_follower: Callable[[FollowerFrame], None] = lambda _frame: None,
+        on_video: Callable[[str, av.VideoFrame], None] = lambda _camera, _frame: None,
         clock: Callable[[], int] = clock.now_ns,
     ) -> None:
         self.config = config
         self._on_command = on_command
         self._on_follower = on_follower
+        self._on_video = on_video
         self._clock = clock
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(config.ice_servers)))
         self.cmd = self.pc.createDataChannel(
@@ -88,6 +115,18 @@ class GatewayPeer:
         self._opened = asyncio.Event()
         self.state.on("open", self._opened.set)
         self.commands_dropped = 0
+        self.camera_tracks: dict[str, CameraTrack] = {}  # robot: camera -> outgoing track
+        self.capture_times = CaptureTimes()  # teleop: capture times waiting for their frames
+        self.video_latency_ns: deque[int] = deque(maxlen=VIDEO_LATENCY_MEMORY)
+        self._video_tasks: list[asyncio.Task] = []
+        self._asked_video: list[tuple[RTCRtpTransceiver, str]] = []
+        if config.initiator:
+            for camera in config.cameras:
+                transceiver = self.pc.addTransceiver("video", direction="recvonly")
+                prefer_codec(transceiver, config.video_codec)
+                fix_receive_path(transceiver.receiver)
+                self._asked_video.append((transceiver, camera))
+            self.pc.on("track", self._on_track)
 
     # --- signaling ------------------------------------------------------------------------
 
@@ -97,6 +136,13 @@ class GatewayPeer:
 
     async def accept_offer(self, sdp: str) -> str:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        # One track per camera, in the order the teleop asked for them (the robot's presence
+        # order); streams beyond what the offer asks for are not sent.
+        offered = sum(1 for t in self.pc.getTransceivers() if t.kind == "video")
+        for camera in self.config.cameras[:offered]:
+            track = CameraTrack(camera, self._send_capture)
+            track.sender = self.pc.addTrack(track)
+            self.camera_tracks[camera] = track
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription.sdp
 
@@ -121,6 +167,58 @@ class GatewayPeer:
         if self.state.readyState == "open":
             self.state.send(self._packer.pack({"k": "follower", **body_of(frame)}))
 
+    def send_video(self, camera: str, frame: VideoFrame) -> None:
+        track = self.camera_tracks.get(camera)
+        if track is not None:
+            track.offer(frame)
+
+    def _send_capture(self, camera: str, rtp_ts: int, captured_ns: int) -> None:
+        if self.state.readyState == "open":
+            capture = {"k": "vcap", "cam": camera, "rtp": rtp_ts, "t": captured_ns}
+            self.state.send(self._packer.pack(capture))
+
+    # --- video, teleop side ----------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        for transceiver, camera in self._asked_video:
+            if transceiver.receiver.track is track:
+                self._watch_video(camera, track)
+
+    def _watch_video(self, camera: str, track: MediaStreamTrack) -> None:
+        async def consume() -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:
+                    return
+                now = self._clock()
+                metrics.VIDEO_FRAMES_DECODED.labels(camera=camera).inc()
+                captured = self.capture_times.decoded(camera, frame.pts % RTP_WRAP, now)
+                if captured is not None:
+                    self._video_latency(camera, captured, now)
+                self._on_video(camera, frame)
+
+        self._video_tasks.append(asyncio.ensure_future(consume()))
+
+    def _on_capture(self, body: dict[str, Any]) -> None:
+        camera, rtp_ts, captured = body.get("cam"), body.get("rtp"), body.get("t")
+        if camera not in self.config.cameras or not self.config.initiator:
+            return self._drop("state", "schema")
+        if type(rtp_ts) is not int or type(captured) is not int or not 0 <= rtp_ts < RTP_WRAP:
+            return self._drop("state", "schema")
+        decoded = self.capture_times.captured(camera, rtp_ts, captured)
+        if decoded is not None:
+            self._video_latency(camera, captured, decoded)
+        return None
+
+    def _video_latency(self, camera: str, captured_peer_ns: int, decoded_ns: int) -> None:
+        captured = None if self.monitor is None else self.monitor.offset.to_local(captured_peer_ns)
+        if captured is None:
+            return  # no clock offset yet: an age we cannot judge is not reported
+        latency_ns = decoded_ns - captured
+        self.video_latency_ns.append(latency_ns)
+        metrics.VIDEO_LATENCY.labels(camera=camera).observe(max(0.0, latency_ns / 1e9))
+
     # --- link health ------------------------------------------------------------------------
 
     async def watch_link(self, poll_s: float = 0.01) -> str:
@@ -140,6 +238,8 @@ class GatewayPeer:
             await asyncio.sleep(poll_s)
 
     async def close(self) -> None:
+        for task in self._video_tasks:
+            task.cancel()
         await self.pc.close()
 
     # --- receiving --------------------------------------------------------------------------
@@ -177,6 +277,8 @@ class GatewayPeer:
                 sample = self.monitor.on_pong(ping_id, t2, t3, now)
                 if sample is not None:
                     metrics.LINK_RTT.observe(sample.rtt_ns / 1e9)
+        elif kind == "vcap":
+            self._on_capture(body)
         elif kind == "follower":
             frame = self._decode(message, "follower", "state", body=body)
             if isinstance(frame, FollowerFrame):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -265,6 +265,7 @@ def test_happy_path_request_accept_live_and_gateway_closed() -> None:
             "peer": "teleop-1",
             "role": "robot",
             "initiator": False,
+            "peer_cameras": [],  # a teleop announces none
         }
     ]
     assert net.board.stations["robot-1"].presence.busy is True
@@ -280,6 +281,7 @@ def test_happy_path_request_accept_live_and_gateway_closed() -> None:
             "peer": "robot-1",
             "role": "teleop",
             "initiator": True,
+            "peer_cameras": ["front"],  # the robot's, from its presence: one stream each
         }
     ]
     net.drop()
@@ -644,8 +646,11 @@ def test_paired_without_gateway_times_out_and_sends_end(who: str) -> None:
     assert net.stations[other].outcomes == ["ended"]
 
 
-@pytest.mark.parametrize("state", ["paired", "live"])
-@pytest.mark.parametrize("how", ["stale", "offline", "removed"])
+# Live and stale or offline is not here: test_live_session_outlives_stale_or_offline_presence.
+@pytest.mark.parametrize(
+    ("state", "how"),
+    [("paired", "stale"), ("paired", "offline"), ("paired", "removed"), ("live", "removed")],
+)
 @pytest.mark.parametrize("lost", ["teleop-1", "robot-1"])
 def test_peer_presence_lost_ends_with_peer_lost(state: str, how: str, lost: str) -> None:
     net = two_stations()
@@ -667,6 +672,61 @@ def test_peer_presence_lost_ends_with_peer_lost(state: str, how: str, lost: str)
     assert net.in_flight == []  # no session.end to a peer that is gone
     assert net.stations[watcher].bus[-1]["event"] == "disconnect"
     assert net.board.stations[watcher].presence.busy is False
+
+
+@pytest.mark.parametrize("how", ["stale", "offline"])
+@pytest.mark.parametrize("lost", ["teleop-1", "robot-1"])
+def test_live_session_outlives_stale_or_offline_presence(how: str, lost: str) -> None:
+    """Broker down, restarting (Mosquitto publishes every Last Will as it stops) or the peer's
+    session manager paused: presence says stale or offline while the gateways' link may be fine,
+    so a live session (and control) goes on. The peer's session manager coming back without the
+    session (restarted: online, idle) ends it."""
+    net = two_stations()
+    session = go_live(net, "teleop-1", "robot-1")
+    watcher = "robot-1" if lost == "teleop-1" else "teleop-1"
+    if how == "stale":
+        net.stations[lost].silent = True
+        net.advance(net.board.stale_after_s * 10)
+    else:
+        net.go_offline(lost)
+        net.advance(1.0)
+    net.tick(watcher)
+    assert net.board.status(lost, net.now) == how
+    assert net.m(watcher).state == "live" and net.m(watcher).session == session
+    assert net.stations[watcher].outcomes == []
+
+    # The lost station's presence comes back in the session: nothing to do.
+    net.stations[lost].silent = False
+    net.stations[lost].status = "online"
+    net.advance(1.0)
+    net.tick(watcher)
+    assert net.m(watcher).state == "live" and net.stations[watcher].outcomes == []
+
+    # Its session manager restarted: online, idle, no session.
+    role = net.m(lost).role
+    net.stations[lost].machine = SessionMachine(lost, role, JOINTS, inbox=inbox_topic(OWNER, lost))
+    net.advance(1.0)
+    net.tick(watcher)
+    assert net.m(watcher).state == "idle"
+    assert net.stations[watcher].outcomes == ["peer_lost"]
+    assert net.stations[watcher].bus[-1] == {
+        "event": "disconnect",
+        "session": session,
+        "reason": "peer_lost",
+    }
+
+
+def test_presence_from_before_live_does_not_end_the_session() -> None:
+    """The robot's board may still hold the teleop's idle presence from before pairing when the
+    gateway says connected: only presence sent after going live can say the peer forgot it."""
+    net = two_stations()
+    session = pair(net, "teleop-1", "robot-1")
+    idle = net.board.stations["teleop-1"].presence
+    net.board.update("teleop-1", replace(idle, busy=False, session=None), net.now)
+    for me in ("teleop-1", "robot-1"):
+        net.gateway(me, {"event": "connected", "session": session})
+    net.tick("robot-1")
+    assert net.m("robot-1").state == "live"
 
 
 # --- late and forged answers ------------------------------------------------------------------
