@@ -56,7 +56,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import random
 import re
@@ -83,6 +82,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import REGISTRY
 
 import services.session_manager.__main__ as session_main
+from bench import common
 from services import __version__
 from services.fleet import FleetWatcher
 from services.session_manager.identity import (
@@ -1027,26 +1027,15 @@ def check_pairing(
 
 
 def machine_info(broker: Mosquitto | None) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """bench.common's machine print-out (cores, CPU, Python, library versions, load), with the
+    version of the Mosquitto this run started."""
     mosquitto = None
     if broker is not None:
         found = re.search(r"mosquitto version (\S+)", broker.log_text(100_000))
         mosquitto = found.group(1) if found else None
-    return {
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": cpu,
-        "os": platform.platform(terse=True),
-        "python": platform.python_version(),
-        "paho_mqtt": paho.mqtt.__version__,
-        "mosquitto": mosquitto,
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-    }
+    info = common.machine_info(mosquitto)
+    info["paho_mqtt"] = paho.mqtt.__version__
+    return info
 
 
 def broker_drop_notices(broker: Mosquitto) -> int:
@@ -1064,10 +1053,7 @@ def render(report: Report) -> str:
     lines = [
         f"rdv presence benchmark: {args.stations} stations, {args.couples} couples, "
         f"{args.processes} worker processes, one Mosquitto on 127.0.0.1",
-        f"machine: {machine.get('cores')} cores ({machine.get('cpu')}), "
-        f"Python {machine.get('python')}, paho-mqtt {machine.get('paho_mqtt')}, "
-        f"Mosquitto {machine.get('mosquitto')}, load {machine.get('loadavg_1m_at_start')} "
-        "at start",
+        common.machine_line(machine),
         "",
         f"{'figure':<36}{'measured':>12}   target (DESIGN.md)",
     ]
