@@ -11,7 +11,9 @@ extras=${RDV_EXTRAS:-dev}
 # Debian packages the project runs or tests against. python3-venv: a fresh Debian python3
 # cannot create a virtualenv without it. mosquitto: the MQTT broker tests and the demo start
 # (their own instances; the system service is never relied on). openssl: test TLS certificates.
-apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl)
+# prometheus: /usr/bin/prometheus and promtool for monitoring/ and its tests (the tests start
+# their own Prometheus; the system service the package installs is never relied on).
+apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl prometheus)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fleet.add_argument("--json", action="store_true", help="print JSON (default: a table)")
     fleet.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="instead of printing, keep watching and export the fleet as Prometheus metrics "
+        "on 127.0.0.1 at this port (monitoring/prometheus.yml scrapes 9799) (default: off)",
+    )
+    fleet.add_argument(
         "--watch", action="store_true", help="keep updating until Ctrl-C (default: print once)"
     )
     fleet.add_argument(
@@ -234,13 +241,24 @@ def run_bench(name: str, flags: list[str]) -> int:
 
 def run_fleet_command(args: argparse.Namespace) -> int:
     from services.fleet import run_fleet
+    from services.fleet_exporter import run_fleet_exporter
     from services.session_manager.identity import IdentityError, config_dir, load_identity
 
+    if args.metrics_port is not None and (args.json or args.watch):
+        print(
+            "rdv fleet: --metrics-port exports metrics; it takes no --json/--watch", file=sys.stderr
+        )
+        return 2
     try:
         identity = load_identity(config_dir(args.config_dir))
     except IdentityError as exc:
         print(f"rdv fleet: {exc}", file=sys.stderr)
         return 78
+    if args.metrics_port is not None:
+        from services.logs import setup_logging
+
+        setup_logging("info", "fleet_exporter")  # a long-running exporter says where it serves
+        return run_fleet_exporter(args, identity)
     return run_fleet(args, identity)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from services import clock, metrics
 from services.arm_driver.config import DriverConfig
 from services.arm_driver.devices import joint_keys, joint_limits, set_torque
-from services.arm_driver.safety import FollowerSafety, Step
+from services.arm_driver.safety import REJECT_REASONS, FollowerSafety, Step
 from services.arm_driver.ticker import Ticker
 from services.bus import BusMap, FollowerFrame, FrameError, Publisher, Subscriber
 from services.bus.health import HealthBeat
@@ -43,6 +43,10 @@ class FollowerLoop:
         self.sent_goal: tuple[float, ...] | None = None
         self.device_errors = 0
         self._set_state_gauge("waiting")
+        # Every reason exported at 0 from the start: a series born at 1 hides its first refusal
+        # from rate()/increase(), so a dashboard would show nothing for a real rejection.
+        for reason in REJECT_REASONS:
+            metrics.COMMANDS_REJECTED.labels(reason=reason)
 
     def run(self, stop: threading.Event) -> None:
         log.info(
