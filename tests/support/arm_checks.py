@@ -45,13 +45,16 @@ def collect(subscribers: Subscriber | list[Subscriber], seconds: float, until=No
     while (remaining := deadline - time.monotonic()) > 0:
         wait_ms = min(remaining, 0.1) * 1000 / len(subscribers)
         for subscriber in subscribers:
-            received = subscriber.recv(timeout_ms=wait_ms)
-            if received is None:
+            first = subscriber.recv(timeout_ms=wait_ms)
+            if first is None:
                 continue
-            sample = Sample(received.topic, received.frame, received.recv_ns)
-            samples.append(sample)
-            if until is not None and until(sample):
-                return samples
+            # Take everything queued: reading one frame per bus per turn would let a backlog
+            # from one stall of this process persist, and skew every later comparison.
+            for received in [first, *subscriber.drain()]:
+                sample = Sample(received.topic, received.frame, received.recv_ns)
+                samples.append(sample)
+                if until is not None and until(sample):
+                    return samples
     return samples
 
 
@@ -71,10 +74,12 @@ def wait_for_state(subscriber: Subscriber, state: str, timeout_s: float) -> list
 
 
 def tracking_errors(samples: list[Sample]) -> list[float]:
-    """|leader - follower| for each follower frame, against the latest leader frame before it."""
+    """|leader - follower| for each follower frame, against the latest leader frame read before
+    it was measured. Paired by origin time (`t`), not by arrival here, so a late reader cannot
+    make tracking look worse or better; both stations must share one clock (one machine)."""
     leader = None
     errors = []
-    for sample in samples:
+    for sample in sorted(samples, key=lambda s: s.frame.t):
         if sample.topic == "joints.leader":
             leader = sample.frame
         elif leader is not None:
