@@ -129,10 +129,9 @@ def run_floor(rate_hz: float, seconds: float, ready_timeout_s: float) -> tuple[F
             hops.Side("source", hops.floor_source, {"endpoint": first, "rate_hz": rate_hz},
                       sends=True),
         ]  # fmt: skip
-        cpu = CpuWindow()
-        results = run_sides(sides, seconds + WARMUP_S, ready_timeout_s)
+        results, usage = run_sides(sides, seconds + WARMUP_S, ready_timeout_s)
         figures = match(results["source"]["sent"], results["sink"]["applied"], WARMUP_S)
-        return figures, {"cpu": cpu.result(), "rate_hz": rate_hz}
+        return figures, {"cpu": usage, "rate_hz": rate_hz}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -150,8 +149,7 @@ def run_baselines(seconds: float, ready_timeout_s: float) -> tuple[dict[str, Fig
         hops.Side("lrvd_teleop", hops.lrvd_teleop, {"peer": offer_end, "host": "127.0.0.1"},
                   sends=True),
     ]  # fmt: skip
-    cpu = CpuWindow()
-    results = run_sides(sides, seconds + WARMUP_S, ready_timeout_s)
+    results, usage = run_sides(sides, seconds + WARMUP_S, ready_timeout_s)
     figures = {
         "lekiwi_style": match(
             results["lekiwi_client"]["sent"], results["lekiwi_host"]["applied"], WARMUP_S
@@ -161,13 +159,13 @@ def run_baselines(seconds: float, ready_timeout_s: float) -> tuple[dict[str, Fig
         ),
     }
     details = {
-        "cpu": cpu.result(),
+        "cpu": usage,
         "rate_hz": {"lekiwi_style": hops.LEKIWI_HZ, "lrvd_style": 1 / hops.LRVD_INTERVAL_S},
     }
     return figures, details
 
 
-def run_sides(sides: list[hops.Side], seconds: float, ready_timeout_s: float) -> dict:
+def run_sides(sides: list[hops.Side], seconds: float, ready_timeout_s: float) -> tuple[dict, dict]:
     try:
         return hops.run_sides(sides, seconds, ready_timeout_s)
     except hops.SideError as exc:
@@ -406,9 +404,12 @@ def render(report: Report) -> str:
             f"{ms(applied['p50_ms'])} ms, p99 ~{ms(applied['p99_ms'])} ms (bucket-interpolated),"
             f" {_pct(applied['share_le_1_5ms'])} <= 1.5 ms, {_pct(applied['share_le_3ms'])} "
             "<= 3 ms",
-            "CPU per process in the rdv window (% of one core): "
-            + ", ".join(f"{name} {value}" for name, value in d["cpu"]["process_cpu_pct"].items()),
         ]
+    for phase in ("rdv", "floor", "baselines"):
+        usage = (report.details.get(phase) or {}).get("cpu") or {}
+        if usage.get("process_cpu_pct"):
+            shares = ", ".join(f"{k} {v}" for k, v in usage["process_cpu_pct"].items())
+            lines.append(f"CPU per process, {phase} window (% of one core): {shares}")
     notes = [
         "rdv: per command, leader read (frame t) -> the same seq arriving on the robot bus as "
         "joints.command (the follower's socket), from taps on both buses; loss = commands read "

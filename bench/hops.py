@@ -45,6 +45,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from bench.common import CpuWindow
 from services.arm_driver.ticker import Ticker
 from services.bus.frames import SCHEMA_VERSION
 from services.sim import SimFollowerConfig, SimLeaderConfig, SimSO101Follower, SimSO101Leader
@@ -433,10 +434,11 @@ def _receive(side: Side, kind: str, deadline: float) -> Any:
 
 def run_sides(
     sides: list[Side], seconds: float, ready_timeout_s: float, settle_s: float = 0.3
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Start every side as its own (spawned) process, wait until all are ready, let the sources
-    send for `seconds`, stop them, give in-flight messages `settle_s`, stop the rest. Every
-    process this starts is joined, or terminated by pid, before it returns."""
+    send for `seconds`, stop them, give in-flight messages `settle_s`, stop the rest. Returns
+    each side's result, and the CPU the machine and each side used while the sources sent.
+    Every process this starts is joined, or terminated by pid, before it returns."""
     ctx = mp.get_context("spawn")  # a fresh interpreter per side: no inherited threads or loops
     try:
         for side in sides:
@@ -451,16 +453,18 @@ def run_sides(
         for side in sides:
             _receive(side, "ready", deadline)
         sources = [side for side in sides if side.sends]
+        cpu = CpuWindow({side.name: side.process.pid for side in sides})
         for side in sources:
             side.conn.send("go")
         time.sleep(seconds)
+        usage = cpu.result()
         for group, pause in ((sources, settle_s), ([s for s in sides if not s.sends], 0.0)):
             for side in group:
                 side.conn.send("stop")
             for side in group:
                 side.result = _receive(side, "result", time.monotonic() + 15)
             time.sleep(pause)
-        return {side.name: side.result for side in sides}
+        return {side.name: side.result for side in sides}, usage
     finally:
         for side in sides:
             if side.conn is not None:
