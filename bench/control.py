@@ -31,7 +31,8 @@ quarter for the two baselines (run together: both are light 25-30 Hz loops). Eac
 measured alone, one after the other, so none loads another; the machine's CPU busy share in each
 window is recorded (other users of a shared machine included). Everything started is stopped by
 pid and temp dirs are removed, also on Ctrl-C, SIGTERM or a failure. Exit status: 0 all figures
-measured, 1 a figure missing (time-out, failure), 130 interrupted.
+measured, 1 a figure missing (time-out, failure), 130 interrupted. It must never signal a
+process it did not start, nor judge a figure it did not measure in this run.
 """
 
 from __future__ import annotations

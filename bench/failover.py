@@ -31,6 +31,7 @@ to the leader. Also printed: the hold after the kill.
 
 Everything started is stopped by pid, the iptables rule removed and temp dirs deleted, also on
 Ctrl-C, SIGTERM or a failure. Exit status: 0 all trials measured, 1 otherwise, 130 interrupted.
+It must never signal a process it did not start, nor drop traffic other than its own gateways'.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ robot's busy presence `ts`), paired -> gateway connected (its session.status), c
 first command.
 
 Everything started is stopped by pid and temp dirs are removed, also on Ctrl-C, SIGTERM or a
-failure. Exit status: 0 all sessions measured, 1 otherwise, 130 interrupted.
+failure. Exit status: 0 all sessions measured, 1 otherwise, 130 interrupted. It must never
+signal a process it did not start.
 """
 
 from __future__ import annotations
