@@ -2,7 +2,8 @@
 
 Builds the device, connects it without prompting, serves metrics and runs the role's control
 loop on a dedicated thread until SIGTERM/SIGINT. Exit codes: 0 clean stop, 2 bad flags,
-78 configuration error (bus map, device config), 69 device unavailable, 70 loop crashed.
+78 configuration error (bus map, device config, bus endpoint not bindable: final under
+supervisord, see services/exits.py), 69 device unavailable, 70 loop crashed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 
-from services import metrics
+from services import exits, metrics
 from services.arm_driver.config import argv_with_environment, parse_driver_args
 from services.arm_driver.devices import (
     DeviceError,
@@ -27,7 +28,7 @@ from services.arm_driver.leader import run_leader
 from services.bus import BusConfigError, load_bus_map
 from services.logs import setup_logging
 
-EXIT_CONFIG = 78
+EXIT_CONFIG = exits.EXIT_CONFIG
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 log = logging.getLogger("rdv.arm_driver")
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     def control() -> None:
         try:
             loop(config, device, bus, stop)
+        except BusConfigError as exc:  # its bus endpoint cannot be bound (run dir, port)
+            failure.append(exc)
+            log.error("%s", exc)
         except BaseException as exc:
             failure.append(exc)
             log.exception("control loop crashed")
@@ -92,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.warning("disconnect failed: %s", exc)
     log.info("stopped")
-    return EXIT_SOFTWARE if failure else 0
+    if failure:
+        return EXIT_CONFIG if isinstance(failure[0], BusConfigError) else EXIT_SOFTWARE
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.final(main()))

@@ -2,7 +2,9 @@
 
 Socket options are set before bind/connect (they are ignored after). Receiving never raises
 on bad input: every invalid frame is dropped, counted in rdv_frames_dropped_total and logged
-once per burst. A publisher never blocks: ZeroMQ drops at the high-water mark instead.
+once per burst. A publisher never blocks: ZeroMQ drops at the high-water mark instead. A
+publisher that cannot bind (run dir not writable, port taken) raises BusConfigError, which every
+service treats as a configuration error (exit 78) rather than a crash to restart.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import zmq
 
 from services import clock, metrics
-from services.bus.config import BusMap
+from services.bus.config import BusConfigError, BusMap
 from services.bus.frames import Frame, FrameEncoder, FrameError, decode
 
 log = logging.getLogger(__name__)
@@ -67,15 +69,19 @@ class Publisher:
     ) -> None:
         self.endpoint = bus.endpoint(process)
         if bus.transport == "ipc":
-            bus.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                bus.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BusConfigError(_cannot_bind(self.endpoint, exc.strerror, bus)) from exc
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, bus.send_hwm if send_hwm is None else send_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
         try:
             self._socket.bind(self.endpoint)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             self._socket.close(linger=0)  # a failed bind must not leak the socket
-            raise
+            reason = zmq.strerror(exc.errno)  # exc.strerror repeats the address
+            raise BusConfigError(_cannot_bind(self.endpoint, reason, bus)) from exc
         self._ipc_path, self._ipc_inode = None, None
         if bus.transport == "ipc":
             self._ipc_path = self.endpoint.removeprefix("ipc://")
@@ -99,6 +105,15 @@ class Publisher:
             with contextlib.suppress(OSError):
                 if os.stat(self._ipc_path).st_ino == self._ipc_inode:
                     os.unlink(self._ipc_path)
+
+
+def _cannot_bind(endpoint: str, reason: str | None, bus: BusMap) -> str:
+    """One line that says what to fix: where the run dir is, or which variable moves ports."""
+    if bus.transport == "ipc":
+        fix = f"the run dir {bus.run_dir} must be a writable directory (RDV_RUN_DIR)"
+    else:
+        fix = "another process holds the port (RDV_PORT_OFFSET moves a station's ports)"
+    return f"cannot bind the bus endpoint {endpoint}: {reason}; {fix}"
 
 
 class Subscriber:

@@ -16,8 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
+from services import exits
+
 log = logging.getLogger("rdv.local_broker")
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+EXIT_CANTCREAT = 73  # sysexits.h: the config cannot be written (disk full?): retried, backing off
 
 
 def find_mosquitto() -> str | None:
@@ -50,10 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_mosquitto(binary: str, port: int, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` unless it already holds it, atomically: a restart on a full disk
+    finds the config it wrote before, and a failed write never leaves a truncated file."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass  # missing or unreadable: write it
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        temp.write_text(text)
+        temp.replace(path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def run_mosquitto(binary: str, port: int, run_dir: Path) -> int:
+    """Exec Mosquitto (never returns) or return an exit code when its config cannot be written."""
     conf = run_dir / "local-mosquitto.conf"
-    conf.write_text(
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_if_changed(conf, mosquitto_config(port))
+    except OSError as exc:
+        log.error("cannot write the broker config %s: %s", conf, exc.strerror or exc)
+        return EXIT_CANTCREAT
+    print(f"local_broker: Mosquitto on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    os.execv(binary, [binary, "-c", str(conf)])
+    return 0  # not reached: execv replaces this process
+
+
+def mosquitto_config(port: int) -> str:
+    return (
         "# written by services.local_broker: loopback only, anonymous, for one machine\n"
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
@@ -62,8 +93,6 @@ def run_mosquitto(binary: str, port: int, run_dir: Path) -> None:
         "log_type error\nlog_type warning\nlog_type notice\n"
         "max_packet_size 131072\n"
     )
-    print(f"local_broker: Mosquitto on 127.0.0.1:{port}", file=sys.stderr, flush=True)
-    os.execv(binary, [binary, "-c", str(conf)])
 
 
 def run_amqtt(port: int) -> int:
@@ -102,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("Mosquitto is not installed (apt-get install mosquitto), or use --kind amqtt")
         return 78
     if mosquitto is not None:
-        run_mosquitto(mosquitto, args.port, Path(args.run_dir))
+        return run_mosquitto(mosquitto, args.port, Path(args.run_dir))
     return run_amqtt(args.port)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.final(main()))

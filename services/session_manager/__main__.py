@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from services import __version__, clock, metrics
+from services import __version__, clock, exits, metrics
 from services.bus import BusConfigError, MessageFrame, Publisher, Subscriber, load_bus_map
 from services.bus.health import HealthBeat
 from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
@@ -43,7 +43,7 @@ from services.session_manager.signing import SignatureRejected, Verifier, sign_e
 from services.sim import SO101_KEYS
 
 PROCESS = "session_manager"
-EXIT_CONFIG = 78
+EXIT_CONFIG = exits.EXIT_CONFIG
 log = logging.getLogger("rdv.session_manager")
 
 
@@ -327,10 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    SessionManager(args, identity, roster, bus).run(stop)
+    try:
+        manager = SessionManager(args, identity, roster, bus)
+    except BusConfigError as exc:  # the bus endpoint cannot be bound (run dir, port)
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    manager.run(stop)
     log.info("stopped")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.final(main()))

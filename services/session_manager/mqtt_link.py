@@ -26,6 +26,7 @@ from services import metrics
 log = logging.getLogger(__name__)
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 INBOX_EXPIRY_S = 10  # an unread request is worthless after this; the broker may drop it
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 10  # paho's backoff doubles from min to max per attempt
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,11 @@ class MqttLink:
         if tls:
             client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
         client.will_set(will_topic, will_payload, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.reconnect_delay_set(min_delay=RECONNECT_MIN_S, max_delay=RECONNECT_MAX_S)
         client.on_socket_open = disable_nagle
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        self._failed_attempts = 0
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
@@ -151,8 +154,22 @@ class MqttLink:
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
         metrics.MQTT_CONNECTED.set(1)
+        self._failed_attempts = 0
         log.info("connected to broker %s:%d", self.host, self.port)
         self._events.put(Connected())
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # One line per attempt: paho's backoff (doubling, at most RECONNECT_MAX_S apart) is
+        # what keeps this from flooding, and the times show that it backs off.
+        self._failed_attempts += 1
+        log.warning(
+            "broker %s:%d unreachable (attempt %d); retrying with backoff (%d-%d s)",
+            self.host,
+            self.port,
+            self._failed_attempts,
+            RECONNECT_MIN_S,
+            RECONNECT_MAX_S,
+        )
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
                        _properties: Any = None) -> None:  # fmt: skip

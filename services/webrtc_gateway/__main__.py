@@ -22,7 +22,7 @@ from typing import Any
 
 from aiortc import RTCIceServer
 
-from services import clock, metrics
+from services import clock, exits, metrics
 from services.bus import (
     BusConfigError,
     FollowerFrame,
@@ -337,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(signum, gateway.stop.set)
         await gateway.run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except BusConfigError as exc:  # its bus endpoint cannot be bound (run dir, port)
+        log.error("%s", exc)
+        return EXIT_CONFIG
     log.info("stopped")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.final(main()))

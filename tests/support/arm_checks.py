@@ -97,3 +97,53 @@ def max_goal_step(frames: list[FollowerFrame]) -> float:
         change = max(abs(a - b) for a, b in zip(before.goal, after.goal, strict=True))
         worst = max(worst, (change - NOISE_SLACK) / (DEFAULTS.max_step * ticks))
     return worst
+
+
+def follower_segments(frames: list[FollowerFrame]) -> list[list[FollowerFrame]]:
+    """Frames split per follower process: a restarted driver starts its `seq` again. Its sim arm
+    also starts again from rest (a real arm stays where it is), so motion is judged per run."""
+    segments: list[list[FollowerFrame]] = []
+    for frame in frames:
+        if not segments or frame.src != segments[-1][-1].src or frame.seq <= segments[-1][-1].seq:
+            segments.append([])
+        segments[-1].append(frame)
+    return segments
+
+
+def commands_out_of_order(frames: list[FollowerFrame]) -> list[tuple[int, int]]:
+    """(seq before, seq after) wherever the applied command's seq went back within one follower
+    run, unless a restarted leader's stream took over the way the safety rules allow: only
+    after the old stream had been silent for `command_timeout`. (Command origin times are no
+    use here: the gateway re-dates them with an offset estimate that moves as it improves.)"""
+    # The old command was first shown at most a tick after it was applied; the new one cannot
+    # be applied earlier than command_timeout after that (a tick of slack for publishing).
+    takeover_ns = (DEFAULTS.command_timeout_s - 2 * PERIOD_S) * 1e9
+    bad = []
+    for segment in follower_segments(frames):
+        shown_since = segment[0].t
+        for before, after in itertools.pairwise(segment):
+            if after.cmd_seq == before.cmd_seq:
+                continue
+            if 0 <= after.cmd_seq < before.cmd_seq and after.t - shown_since < takeover_ns:
+                bad.append((before.cmd_seq, after.cmd_seq))
+            shown_since = after.t
+    return bad
+
+
+def max_reengage_step(frames: list[FollowerFrame]) -> float:
+    """Largest goal step into and during `ramping`, in units of ramp_step per elapsed tick: <= 1
+    means the follower (re)engaged from where it was at ramp speed instead of jumping."""
+    worst = 0.0
+    for segment in follower_segments(frames):
+        for before, after in itertools.pairwise(segment):
+            if after.state == "ramping":
+                ticks = max(1.0, (after.t - before.t) / 1e9 / PERIOD_S)
+                change = max(abs(a - b) for a, b in zip(before.goal, after.goal, strict=True))
+                worst = max(worst, (change - NOISE_SLACK) / (DEFAULTS.ramp_step * ticks))
+    return worst
+
+
+def max_goal_step_per_run(frames: list[FollowerFrame]) -> float:
+    """max_goal_step over each follower run (see follower_segments), the worst of them."""
+    return max((max_goal_step(segment) for segment in follower_segments(frames)), default=0.0)
+

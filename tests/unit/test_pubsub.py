@@ -25,6 +25,7 @@ import zmq
 from prometheus_client import REGISTRY
 
 from services.bus import (
+    BusConfigError,
     BusMap,
     FrameError,
     JointFrame,
@@ -543,13 +544,14 @@ def test_publisher_binds_its_own_process_endpoint(tmp_path: Path, sockets: Socke
 def test_publisher_that_cannot_bind_raises_and_leaks_no_socket(sockets: Sockets) -> None:
     tcp = tcp_bus("gateway")
     sockets.publisher(tcp, "gateway")
-    with pytest.raises(zmq.ZMQError) as info:  # the port is taken by the first one
-        Publisher(tcp, "gateway", context=sockets.context)
+    with pytest.raises(BusConfigError, match="cannot bind the bus endpoint") as info:
+        Publisher(tcp, "gateway", context=sockets.context)  # the port is taken by the first one
     # `info` keeps the failed constructor's frame (and its socket) alive, so garbage
     # collection cannot close the socket for it: only Publisher itself can have.
     still_open = [sock for sock in list(sockets.context._sockets) if not sock.closed]
     assert len(still_open) == 1, "the publisher that failed to bind left its socket open"
-    assert info.value.errno == zmq.EADDRINUSE
+    cause = info.value.__cause__
+    assert isinstance(cause, zmq.ZMQError) and cause.errno == zmq.EADDRINUSE
 
 
 # --- health ---------------------------------------------------------------------------------
@@ -605,3 +607,14 @@ def test_pattern_topics_cannot_mint_unbounded_metric_labels(
     assert received_total("video.*") - pattern_before == 40 - 15
     assert dropped("video.*", "length") - drops_before == 40
     assert all(dropped(topic, "length") == 0 for topic in cameras)
+
+
+def test_publisher_in_an_unwritable_run_dir_says_which_dir(tmp_path: Path) -> None:
+    """A read-only (or missing and uncreatable) run dir is a configuration error with a message
+    naming the dir, not a ZeroMQ traceback. A regular file where the run dir should be fails the
+    same way for root, whom permissions would not stop."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    bus = ipc_bus(blocker)  # run dir: not-a-dir/run
+    with pytest.raises(BusConfigError, match=r"run dir .*not-a-dir/run must be a writable"):
+        Publisher(bus, "follower_arm")
