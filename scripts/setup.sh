@@ -13,7 +13,11 @@ extras=${RDV_EXTRAS:-dev}
 # (their own instances; the system service is never relied on). openssl: test TLS certificates.
 # prometheus: /usr/bin/prometheus and promtool for monitoring/ and its tests (the tests start
 # their own Prometheus; the system service the package installs is never relied on).
-apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl prometheus)
+# iproute2, iptables: the network tests (tests/netns) build namespaces, veths, NAT and loss.
+# coturn: the TURN server those tests start (their own turnserver and config; the system
+# service the package installs is never relied on).
+apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl prometheus
+    iproute2 iptables coturn)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -248,6 +248,10 @@ class _BrokerProcess:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _accepting(self) -> bool:
+        """Whether the broker takes TCP connections (a broker in another netns probes there)."""
+        return _accepts(self.host, self.port)
+
     def _signal(self, signum: int) -> None:
         if self._process is None or self._process.poll() is not None:
             raise RuntimeError(f"{self.name} is not running")
@@ -288,7 +292,7 @@ class _BrokerProcess:
                 raise BrokerError(
                     f"{self.name} exited with code {returncode} on start; its log:\n{new_log}"
                 )
-            if self._ready_pattern.search(new_log) and _accepts(self.host, self.port):
+            if self._ready_pattern.search(new_log) and self._accepting():
                 return
             if time.monotonic() > deadline:
                 self.kill()
