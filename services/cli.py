@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from services import estop_cli
 from services.arm_driver.config import (
     add_control_flags,
     add_device_flags,
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--seconds", type=float, default=None, help="stop after this many seconds (default: never)"
     )
+    estop_cli.add_parsers(commands)
     return parser
 
 
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_identity(args)
     if args.command == "watch":
         return watch(station_run_dirs(args.station), seconds=args.seconds)
+    if args.command in ("estop", "rearm"):
+        return estop_cli.run(args.command, args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -104,3 +104,6 @@ CAMERA_UP = Gauge(
 CAMERA_FAILURES = Counter(
     "rdv_camera_failures_total", "Times a camera failed to open or deliver a frame.", ["camera"]
 )
+ESTOP_LATCHED = Gauge(
+    "rdv_estop_latched", "1 while an emergency stop is latched on this follower, until re-armed."
+)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from services.bus import FollowerFrame, JointFrame, MessageFrame, Subscriber, load_bus_map
 
+SEEN_MEMORY = 2000  # frame keys remembered for de-duplication: seconds of every stream
+
 
 @dataclass
 class ArmStatus:
@@ -23,10 +25,14 @@ class ArmStatus:
     worst_error: float = 0.0  # largest |leader - follower| seen in this window, any joint
     states: set[str] = field(default_factory=set)
     sessions: dict[str, str] = field(default_factory=dict)  # station -> session summary
-    seen: set[tuple[str, str, int]] = field(default_factory=set)
+    seen: dict[tuple[str, str, int], None] = field(default_factory=dict)
+    pages: dict[str, str] = field(default_factory=dict)  # viewer page of a live gateway, by role
 
     def take_health(self, frame: MessageFrame) -> None:
         fields = frame.fields
+        page = fields.get("viewer")
+        if fields.get("process") == "gateway" and fields.get("state") == "live" and page:
+            self.pages[str(fields.get("role"))] = str(page)
         if fields.get("process") != "session_manager":
             return
         state, peer = fields.get("state"), fields.get("peer")
@@ -38,7 +44,7 @@ class ArmStatus:
         key = (topic, getattr(frame, "src", ""), getattr(frame, "seq", -1))
         if key in self.seen:
             return
-        self.seen.add(key)
+        self.seen[key] = None
         if topic == "joints.leader" and isinstance(frame, JointFrame):
             self.leader = frame
             self.leader_frames += 1
@@ -81,19 +87,33 @@ def watch(
     ]
     in_place = sys.stdout.isatty()
     deadline = None if seconds is None else time.monotonic() + seconds
+    announced: set[str] = set()
+    seen: dict[tuple[str, str, int], None] = {}  # insertion-ordered: oldest dropped first
     try:
         while alive() and (deadline is None or time.monotonic() < deadline):
             status = ArmStatus()
             window_end = time.monotonic() + interval_s
+            status.seen = seen  # across windows: a relayed copy may land in the next one
             while window_end > time.monotonic():
                 for subscriber in subscribers:
-                    received = subscriber.recv(timeout_ms=10)
-                    if received is None:
+                    first = subscriber.recv(timeout_ms=10)
+                    if first is None:
                         continue
-                    if isinstance(received.frame, MessageFrame):
-                        status.take_health(received.frame)
-                    else:
-                        status.take(received.topic, received.frame)
+                    # Everything queued, every turn: one frame per bus per turn would let the
+                    # busier bus fall behind and pair a fresh leader with an old follower.
+                    for received in [first, *subscriber.drain()]:
+                        if isinstance(received.frame, MessageFrame):
+                            status.take_health(received.frame)
+                        else:
+                            status.take(received.topic, received.frame)
+            while len(seen) > SEEN_MEMORY:
+                seen.pop(next(iter(seen)))
+            for role, page in sorted(status.pages.items()):
+                if page not in announced:
+                    announced.add(page)
+                    what = "to watch and stop" if role == "teleop" else "to watch, stop, re-arm"
+                    print("\r\x1b[2K" if in_place else "", end="")
+                    print(f"Open {page} {what} ({role} station)")
             text = status.line(interval_s)
             print(f"\r\x1b[2K{text}" if in_place else text, end="" if in_place else "\n")
             sys.stdout.flush()

@@ -1,8 +1,12 @@
 """Follower role: apply `joints.command` under every safety rule, publish `joints.follower`.
 
 Commands are applied as soon as they arrive (latency is a feature); the fixed-rate tick checks
-the deadman, reads the arm and publishes its state. Every goal sent to the device comes from
-`FollowerSafety`: this module must never send the device a position it did not approve.
+the deadman, reads the arm and publishes its state. An emergency stop (`session.control`
+event "estop", from `rdv estop`, a viewer page or the paired teleop) latches at once and is
+written to the run dir, so it survives restarts of every process including this one; only a
+"rearm" event, which nothing but the robot station's own `rdv rearm` or page sends, clears it.
+Every goal sent to the device comes from `FollowerSafety`: this module must never send the
+device a position it did not approve.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from services.arm_driver.config import DriverConfig
 from services.arm_driver.devices import joint_keys, joint_limits, set_torque
 from services.arm_driver.safety import REJECT_REASONS, FollowerSafety, Step
 from services.arm_driver.ticker import Ticker
-from services.bus import BusMap, FollowerFrame, FrameError, Publisher, Subscriber
+from services.bus import BusMap, FollowerFrame, FrameError, MessageFrame, Publisher, Subscriber
 from services.bus.health import HealthBeat
 
 log = logging.getLogger(__name__)
 STATES = ("waiting", "ramping", "tracking", "stale", "estop")
+ESTOP_FILE = "estop.latched"  # in the station's run dir: a stop outlives every process
 
 
 class FollowerLoop:
@@ -34,8 +39,17 @@ class FollowerLoop:
         self.measured = self._read()
         self.safety = FollowerSafety(self.safety_config, self.measured)
         self.subscriber = Subscriber(
-            bus, ["joints.command"], joint_count=len(self.keys), on_drop=self._on_invalid
+            bus,
+            ["joints.command", "session.control"],
+            joint_count=len(self.keys),
+            on_drop=self._on_invalid,
         )
+        self.estop_file = bus.run_dir / ESTOP_FILE
+        if self.estop_file.exists():
+            self.safety.latch_estop()
+            log.warning("follower: emergency stop still latched (%s); `rdv rearm` clears it",
+                        self.estop_file)  # fmt: skip
+        metrics.ESTOP_LATCHED.set(1 if self.estop_file.exists() else 0)
         self.publisher = Publisher(bus, config.process)
         self.health = HealthBeat(self.publisher, config.station, config.process)
         self.ticker = Ticker(config.rate_hz)
@@ -65,6 +79,9 @@ class FollowerLoop:
                     batch = [received, *self.subscriber.drain()]
                     now_ns = clock.now_ns()
                     for item in batch:
+                        if item.topic == "session.control":
+                            got_command |= self._on_control(item.frame)
+                            continue
                         reason = self.safety.offer(item.frame, now_ns)
                         if reason is None:
                             got_command = True
@@ -86,6 +103,29 @@ class FollowerLoop:
             self._hold_on_exit()
             self.subscriber.close()
             self.publisher.close()
+
+    def _on_control(self, frame: Any) -> bool:
+        """Latch or clear an emergency stop; True when the arm must be stepped now."""
+        event = frame.fields.get("event") if isinstance(frame, MessageFrame) else None
+        if event == "estop":
+            if self.estop_file.exists() and self.safety_state == "estop":
+                return False  # already latched: senders repeat a stop until they see it held
+            self.safety.latch_estop()
+            metrics.ESTOP_LATCHED.set(1)
+            log.warning("follower: EMERGENCY STOP latched (from %s, %s)", frame.src,
+                        frame.fields.get("by", "unknown"))  # fmt: skip
+            try:
+                self.estop_file.write_text(f"{frame.src} {frame.fields.get('by', '')}\n")
+            except OSError as exc:  # latched in memory all the same
+                log.error("follower: cannot record the stop in %s: %s", self.estop_file, exc)
+            return True
+        if event == "rearm":
+            self.estop_file.unlink(missing_ok=True)
+            self.safety.rearm()
+            metrics.ESTOP_LATCHED.set(0)
+            log.warning("follower: re-armed (from %s); waiting for a fresh command", frame.src)
+            return True
+        return False
 
     def _apply(self, step: Step) -> None:
         previous_state = self.safety_state
@@ -115,8 +155,11 @@ class FollowerLoop:
                 if step.applied is not None:
                     latency_s = (clock.now_ns() - step.applied.t) / 1e9
                     metrics.CONTROL_LATENCY.observe(max(0.0, latency_s))
+                    self.control_ms = 0.9 * self.control_ms + 0.1 * latency_s * 1e3 if (
+                        self.control_ms is not None) else latency_s * 1e3  # fmt: skip
 
     safety_state = "waiting"
+    control_ms: float | None = None
 
     def _read(self) -> tuple[float, ...]:
         try:
@@ -146,6 +189,7 @@ class FollowerLoop:
             rate_hz=self.config.rate_hz,
             overruns=self.ticker.overruns,
             device_errors=self.device_errors,
+            control_ms=self.control_ms,  # smoothed leader read -> applied, for viewer pages
         )
 
     def _hold_on_exit(self) -> None:

@@ -116,6 +116,8 @@ class CameraThread(threading.Thread):
         self.station, self.stop = station, stop
         self.status = CameraStatus()
         metrics.CAMERA_UP.labels(camera=config.name).set(0)
+        # Born at 0, so the first failure shows in rate()/increase() (a series born at 1 hides it).
+        metrics.CAMERA_FAILURES.labels(camera=config.name)
 
     def run(self) -> None:
         retry_s = RETRY_FIRST_S

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from aiortc import RTCIceServer
@@ -38,9 +39,18 @@ from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
 from services.logs import setup_logging
 from services.webrtc_gateway.media import CODEC_MIME, check_aiortc, install_encoders
 from services.webrtc_gateway.peer import GatewayPeer, PeerConfig, restrict_host_candidates
+from services.webrtc_gateway.viewer import Viewer, ViewerState
 
 PROCESS = "gateway"
 EXIT_CONFIG = 78
+VIEWER_PORT = 8080
+
+
+def station_offset() -> int:
+    """demo.conf's second station serves its page this many ports up, like its metrics."""
+    return int(os.environ.get("RDV_STATION_PORT_OFFSET") or 0)
+
+
 log = logging.getLogger("rdv.gateway")
 
 
@@ -92,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
         "%(default)s)",
     )
     parser.add_argument(
+        "--viewer-host",
+        default=os.environ.get("RDV_VIEWER_HOST", "127.0.0.1"),
+        help="address of the viewer page; any non-loopback address requires the access token "
+        "printed in its URL (default: $RDV_VIEWER_HOST or %(default)s)",
+    )
+    parser.add_argument(
+        "--viewer-port",
+        type=int,
+        default=int(os.environ.get("RDV_VIEWER_PORT") or VIEWER_PORT + station_offset()),
+        help="port of the viewer page, plus $RDV_PORT_OFFSET; 0 turns the page off (default: "
+        "$RDV_VIEWER_PORT, else %(default)s)",
+    )
+    parser.add_argument(
         "--connect-timeout",
         type=float,
         default=10.0,
@@ -124,7 +147,12 @@ class Gateway:
             "session.control",
             "joints.leader" if self.role == "teleop" else "joints.follower",
         ]
+        if self.role == "robot":
+            topics.append("health")  # the follower's control latency, for both viewer pages
         self.subscriber = Subscriber(bus, topics)
+        self.view = ViewerState(role=self.role, station=args.station)
+        self.viewer: Viewer | None = None
+        self.video_seen: dict[str, tuple[int, float]] = {}
         self.cameras = tuple(name for name in args.cameras.split(",") if name)
         self.video: Subscriber | None = None
         if self.role == "robot" and self.cameras:
@@ -149,9 +177,13 @@ class Gateway:
         loop.call_soon(self.on_bus)  # messages queued before the reader was added
         if self.video is not None:
             loop.add_reader(self.video.fd, self.on_video_bus)
+        self.start_viewer(loop)
         try:
             while not self.stop.is_set():
+                self.refresh_view()
                 self.health.maybe_send(
+                    role=self.role,
+                    viewer=self.viewer.url if self.viewer else None,
                     state="live" if self.peer and self.peer.monitor else "idle",
                     session=self.session,
                     rtt_ms=None if not self.peer or not self.peer.monitor or
@@ -164,6 +196,8 @@ class Gateway:
                 loop.remove_reader(self.video.fd)
                 self.video.close()
             await self.end_session("gateway stopping", report=True)
+            if self.viewer is not None:
+                await self.viewer.close()
             self.subscriber.close()
             self.publisher.close()
 
@@ -189,10 +223,20 @@ class Gateway:
     def on_frame(self, topic: str, frame: Any) -> None:
         if topic == "session.control" and isinstance(frame, MessageFrame):
             self.on_control(frame.fields)
-        elif topic == "joints.leader" and isinstance(frame, JointFrame) and self.peer:
-            self.peer.send_command(frame)
-        elif topic == "joints.follower" and isinstance(frame, FollowerFrame) and self.peer:
-            self.peer.send_follower(frame)
+        elif topic == "joints.leader" and isinstance(frame, JointFrame):
+            if self.peer:
+                self.peer.send_command(frame)
+            self.show(leader=list(frame.pos))
+        elif topic == "joints.follower" and isinstance(frame, FollowerFrame):
+            if self.peer:
+                self.peer.send_follower(frame)
+            self.show(follower=list(frame.pos), follower_state=frame.state)
+        elif topic == "health" and isinstance(frame, MessageFrame):
+            control_ms = frame.fields.get("control_ms")
+            if frame.fields.get("role") == "follower" and isinstance(control_ms, (int, float)):
+                self.show(control_ms=float(control_ms))
+                if self.peer:
+                    self.peer.send_telemetry({"control_ms": float(control_ms)})
 
     def on_control(self, event: dict[str, Any]) -> None:
         name, session = event.get("event"), event.get("session")
@@ -209,11 +253,14 @@ class Gateway:
                     offered = event.get("peer_cameras")
                     cameras = tuple(c for c in offered if isinstance(c, str)) if isinstance(
                         offered, list) else ()  # fmt: skip
+                self.show(session_state="connecting", peer=event.get("peer"), cameras=cameras)
                 self.spawn(self.start_session(session, initiator, cameras, old_peer))
         elif name == "disconnect" and session == self.session:
             # `only`: this runs later, when a `connect` queued behind this event (a gateway
             # resuming from a pause reads both at once) may already have started the next session.
             self.spawn(self.end_session(f"session ended: {event.get('reason')}", only=session))
+        elif name == "estop" and self.role == "teleop":
+            self.estop(str(event.get("by", "teleop bus"))[:100])  # `rdv estop` on this station
         elif name == "signal" and session == self.session and isinstance(event.get("sdp"), str):
             waiting = self.offer if event.get("kind") == "signal.offer" else self.answer
             if waiting is not None and not waiting.done():
@@ -249,6 +296,9 @@ class Gateway:
             config,
             on_command=self.forward_command,
             on_follower=self.forward_follower,
+            on_video=self.viewer.on_video if self.viewer else lambda _camera, _frame: None,
+            on_estop=self.estop_from_peer,
+            on_telemetry=lambda figures: self.show(**figures),
         )
         if self.session != session:  # superseded while the old peer was closing
             await peer.close()
@@ -280,6 +330,9 @@ class Gateway:
             return
         self.say(event="connected", session=session)
         log.info("session %s: live", session)
+        self.show(session_state="live")
+        if self.viewer is not None and self.role == "teleop":
+            log.info("Open %s to watch", self.viewer.url)
         reason = await peer.watch_link()
         if self.peer is peer:
             log.warning("session %s: %s", session, reason)
@@ -297,15 +350,94 @@ class Gateway:
         if report and session is not None:
             self.say(event=status, session=session, reason=why)
         log.info("session %s closed: %s", session, why)
+        self.show(session_state="link lost" if why == "link_lost" else "searching", peer=None,
+                  rtt_ms=None, video_ms={}, fps={})  # fmt: skip
         await peer.close()
 
     def forward_command(self, frame: JointFrame) -> None:
         """Robot side: a validated command, its time on our clock, onto the station bus."""
         self.publisher.send("joints.command", frame)
+        self.show(leader=list(frame.pos))
 
     def forward_follower(self, frame: FollowerFrame) -> None:
         """Teleop side: the robot's follower state onto this station's bus."""
         self.publisher.send("joints.follower", frame)
+        self.show(follower=list(frame.pos), follower_state=frame.state)
+
+    # --- emergency stop ----------------------------------------------------------------------
+
+    def estop(self, by: str) -> str:
+        """Latch the follower's stop: on the robot's own bus, or over the link to the robot."""
+        if self.role == "robot":
+            self.control(event="estop", by=by)
+            return "stop latched on this robot station; re-arm here when it is safe"
+        if self.peer is not None and self.peer.send_estop(by):
+            note = f"stop sent to {self.view.peer}; the follower state shows when it holds"
+        else:
+            note = ("NOT DELIVERED: no live link to a robot. A lost link already makes the "
+                    "follower hold; use `rdv estop` on the robot station to latch it")  # fmt: skip
+        if note != self.view.estop_note:  # senders repeat a stop: say each outcome once
+            log.warning("emergency stop from %s: %s", by, note)
+        self.show(estop_note=note)
+        return note
+
+    def estop_from_peer(self, by: str) -> None:
+        if self.view.follower_state != "estop":
+            log.warning("emergency stop from the paired teleop (%s)", by)
+        self.control(event="estop", by=f"peer {self.view.peer} ({by})")
+
+    def rearm(self, by: str) -> str:
+        self.control(event="rearm", by=by)
+        self.show(estop_note=None)
+        return "re-arm sent; the follower ramps to the leader from where it is"
+
+    def control(self, **fields: Any) -> None:
+        frame = MessageFrame(self.publisher.next_seq(), clock.now_ns(), self.args.station, fields)
+        self.publisher.send("session.control", frame)
+
+    # --- viewer page -------------------------------------------------------------------------
+
+    def start_viewer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.args.viewer_port == 0:
+            return
+        port = self.args.viewer_port + int(os.environ.get("RDV_PORT_OFFSET") or 0)
+        try:
+            self.viewer = Viewer(self.view, self.args.viewer_host, port, loop, self.estop,
+                                 self.rearm if self.role == "robot" else None)  # fmt: skip
+        except OSError as exc:  # the page is a convenience: control must run without it
+            log.error("viewer page not served on %s:%d: %s", self.args.viewer_host, port, exc)
+            return
+        self.viewer.start()
+        log.info("viewer page on %s", self.viewer.url)
+
+    def show(self, **fields: Any) -> None:
+        """Update what the page shows (kept without a page too: the e-stop reads it)."""
+        if self.viewer is not None:
+            self.viewer.update(**fields)  # under the page threads' lock
+        else:
+            for key, value in fields.items():
+                setattr(self.view, key, value)
+
+    def refresh_view(self) -> None:
+        """Figures the page shows that change by themselves: RTT, video latency and rate."""
+        peer = self.peer
+        if self.viewer is None or peer is None or peer.monitor is None:
+            return
+        rtt = peer.monitor.rtt_ns
+        recent = sorted(list(peer.video_latency_ns)[-30:])
+        now = time.monotonic()
+        fps = dict(self.view.fps)
+        for camera, count in self.viewer.frames.items():
+            before, then = self.video_seen.setdefault(camera, (count, now))
+            if now - then >= 1.0:  # a whole second: 0.2 s windows would jitter by 5 fps
+                fps[camera] = (count - before) / (now - then)
+                self.video_seen[camera] = (count, now)
+        self.show(
+            rtt_ms=None if rtt is None else rtt / 1e6,
+            video_ms={c: recent[len(recent) // 2] / 1e6 for c in peer.config.cameras} if recent
+            else {},
+            fps=fps,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

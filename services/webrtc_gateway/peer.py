@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 CMD_CHANNEL_ID = 0
 STATE_CHANNEL_ID = 1
 MAX_CHANNEL_MESSAGE = 4096  # the bus's frame cap: a joint frame is ~100 bytes
+MAX_NOTE = 100  # characters of who-stopped-it text carried with an e-stop
+TELEMETRY_KEYS = ("control_ms",)
 VIDEO_LATENCY_MEMORY = 10_000  # recent glass-to-glass samples kept for benchmarks and tests
 
 
@@ -94,12 +97,16 @@ class GatewayPeer:
         on_command: Callable[[JointFrame], None] = lambda _frame: None,
         on_follower: Callable[[FollowerFrame], None] = lambda _frame: None,
         on_video: Callable[[str, av.VideoFrame], None] = lambda _camera, _frame: None,
+        on_estop: Callable[[str], None] = lambda _by: None,
+        on_telemetry: Callable[[dict[str, float]], None] = lambda _fields: None,
         clock: Callable[[], int] = clock.now_ns,
     ) -> None:
         self.config = config
         self._on_command = on_command
         self._on_follower = on_follower
         self._on_video = on_video
+        self._on_estop = on_estop
+        self._on_telemetry = on_telemetry
         self._clock = clock
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(config.ice_servers)))
         self.cmd = self.pc.createDataChannel(
@@ -166,6 +173,18 @@ class GatewayPeer:
     def send_follower(self, frame: FollowerFrame) -> None:
         if self.state.readyState == "open":
             self.state.send(self._packer.pack({"k": "follower", **body_of(frame)}))
+
+    def send_estop(self, by: str) -> bool:
+        """Teleop: ask the robot to latch its emergency stop. False if there is no link."""
+        if self.state.readyState != "open":
+            return False
+        self.state.send(self._packer.pack({"k": "estop", "by": by[:MAX_NOTE]}))
+        return True
+
+    def send_telemetry(self, fields: dict[str, float]) -> None:
+        """Robot: figures only the robot knows (e.g. control latency), for the teleop's page."""
+        if self.state.readyState == "open":
+            self.state.send(self._packer.pack({"k": "telemetry", **fields}))
 
     def send_video(self, camera: str, frame: VideoFrame) -> None:
         track = self.camera_tracks.get(camera)
@@ -279,6 +298,17 @@ class GatewayPeer:
                     metrics.LINK_RTT.observe(sample.rtt_ns / 1e9)
         elif kind == "vcap":
             self._on_capture(body)
+        elif kind == "estop" and not self.config.initiator:
+            by = body.get("by")
+            self._on_estop(by[:MAX_NOTE] if isinstance(by, str) else "peer")
+        elif kind == "telemetry" and self.config.initiator:
+            figures = {
+                key: float(value)
+                for key, value in body.items()
+                if key in TELEMETRY_KEYS and type(value) in (int, float) and math.isfinite(value)
+            }
+            if figures:
+                self._on_telemetry(figures)
         elif kind == "follower":
             frame = self._decode(message, "follower", "state", body=body)
             if isinstance(frame, FollowerFrame):

@@ -41,6 +41,7 @@ PROCESSES = {
     "camera": (5704, 9704),
     "session_manager": (5705, 9705),
     "gateway": (5706, 9706),
+    "control": (5707, 9707),  # rdv estop / rdv rearm
 }
 SHIPPED = DEFAULT_BUS_CONFIG.read_text()
 
@@ -125,9 +126,11 @@ def test_shipped_publishers_and_rates() -> None:
     bus = shipped()
     assert bus.publishers_of("joints.leader") == ("leader_arm",)
     assert set(bus.publishers_of("joints.command")) == {"gateway", "local_link"}
-    assert bus.publishers_of("joints.follower") == ("follower_arm",)
+    # The teleop's gateway republishes the robot's follower frames on the teleop bus.
+    assert bus.publishers_of("joints.follower") == ("follower_arm", "gateway")
     assert bus.publishers_of("video.front") == ("camera",)
-    assert set(bus.publishers_of("health")) == set(PROCESSES)
+    assert set(bus.publishers_of("health")) == set(PROCESSES) - {"control"}  # lives a second
+    assert set(bus.publishers_of("session.control")) == {"session_manager", "gateway", "control"}
     assert bus.topic("joints.leader").rate_hz == 100.0
     assert bus.topic("health").rate_hz == 1.0
     assert bus.topic("session.control").rate_hz is None
