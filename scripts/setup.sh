@@ -16,8 +16,9 @@ extras=${RDV_EXTRAS:-dev}
 # iproute2, iptables: the network tests (tests/netns) build namespaces, veths, NAT and loss.
 # coturn: the TURN server those tests start (their own turnserver and config; the system
 # service the package installs is never relied on).
+# chromium: the browser tests (tests/browser) drive the viewer page in headless Chromium.
 apt_packages=(python3 python3-venv python3-pip mosquitto mosquitto-clients openssl prometheus
-    iproute2 iptables coturn)
+    iproute2 iptables coturn chromium)
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
