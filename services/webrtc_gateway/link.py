@@ -17,6 +17,10 @@ from dataclasses import dataclass
 PING_INTERVAL_S = 0.1
 LOST_AFTER_S = 0.5
 OFFSET_WINDOW = 50  # samples: 5 s at 10 Hz
+# A new link first pings this many times this fast, so the offset estimate (and with it the
+# age of every command) rests on many samples from its first fraction of a second, not on a few.
+WARMUP_PINGS = 20
+WARMUP_INTERVAL_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,13 @@ class LinkMonitor:
         *,
         ping_interval_s: float = PING_INTERVAL_S,
         lost_after_s: float = LOST_AFTER_S,
+        warmup_pings: int = WARMUP_PINGS,
     ) -> None:
         if not 0 < ping_interval_s < lost_after_s:
             raise ValueError("ping_interval_s must be positive and below lost_after_s")
         self.ping_interval_ns = int(ping_interval_s * 1e9)
+        self.warmup_interval_ns = int(min(WARMUP_INTERVAL_S, ping_interval_s) * 1e9)
+        self.warmup_pings = warmup_pings
         self.lost_after_ns = int(lost_after_s * 1e9)
         self.offset = ClockOffset()
         self.rtt_ns: int | None = None
@@ -81,7 +88,9 @@ class LinkMonitor:
         """(ping id, t1) when a ping should go out now, else None."""
         if now_ns < self._next_ping_ns:
             return None
-        self._next_ping_ns = now_ns + self.ping_interval_ns
+        warming = self._next_id < self.warmup_pings
+        interval_ns = self.warmup_interval_ns if warming else self.ping_interval_ns
+        self._next_ping_ns = now_ns + interval_ns
         ping_id = self._next_id
         self._next_id += 1
         self._pending[ping_id] = now_ns

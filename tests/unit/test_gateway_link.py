@@ -72,10 +72,17 @@ def test_a_new_link_gets_one_horizon_for_its_first_pong() -> None:
 
 
 def test_pings_are_spaced_by_the_interval() -> None:
-    monitor = LinkMonitor(0, ping_interval_s=0.1)
+    monitor = LinkMonitor(0, ping_interval_s=0.1, warmup_pings=0)
     assert monitor.ping_due(0) is not None
     assert monitor.ping_due(99 * MS) is None
     assert monitor.ping_due(100 * MS) is not None
+
+
+def test_a_new_link_warms_the_offset_estimate_with_a_burst_of_pings() -> None:
+    monitor = LinkMonitor(0, ping_interval_s=0.1, warmup_pings=20)
+    sent = [t for t in range(0, 400 * MS, MS) if monitor.ping_due(t) is not None]
+    assert sent[:20] == [i * 10 * MS for i in range(20)]  # 20 pings 10 ms apart
+    assert sent[20:] == [200 * MS, 300 * MS]  # then the normal interval
 
 
 def test_unknown_duplicate_and_expired_pongs_prove_nothing() -> None:
