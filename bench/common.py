@@ -34,6 +34,8 @@ TARGETS = {
     "setup_p50_ms": 1000.0,
     "hold_ms_max": 500.0,
     "discover_ms": 2000.0,
+    "video_p50_ms": 25.0,
+    "video_p99_ms": 45.0,
 }
 LIBRARIES = ("pyzmq", "msgpack", "aiortc", "aioice", "av", "paho-mqtt", "supervisor", "numpy")
 

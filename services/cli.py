@@ -40,13 +40,13 @@ from services.status import watch
 DEPLOY_DIR = REPO_ROOT / "deploy"
 # A sim arm gets a sim camera that draws it, so a viewer sees it move.
 SIM_CAMERAS = '{"front": {"type": "sim", "width": 640, "height": 480, "fps": 30}}'
-# `rdv bench NAME` -> the module under bench/ that runs it (issue 7). "video" (glass-to-glass,
-# rdv beside stock aiortc) joins here as "bench.video" with the camera service.
+# `rdv bench NAME` -> the module under bench/ that runs it (issue 7).
 BENCHMARKS = {
     "control": "bench.control",
     "setup": "bench.session_setup",
     "failover": "bench.failover",
     "presence": "bench.presence",
+    "video": "bench.video",
 }
 STATIONS = {
     # command: (supervisord config, run dir name, device kind, process)

@@ -102,3 +102,19 @@ def test_presence_reports_discovery_and_pairing() -> None:
     document = run_bench("presence", "--stations", "40", "--couples", "4", "--processes", "2")
     assert set(document["rdv"]) == {"discover_ms", "pair_ms"}
     assert all(positive(value) for value in document["rdv"].values())
+
+
+@pytest.mark.parametrize("codec", ["vp8", "h264"])
+def test_video_gives_rdv_and_stock_aiortc(codec: str) -> None:
+    document = run_bench("video", "--codec", codec, "--seconds", "3")
+    assert (document["codec"], document["size"], document["fps"]) == (codec, "640x480", 30)
+    assert set(document["baselines"]) == {"aiortc_stock"}
+    for variant, figures in (("rdv", document["rdv"]),
+                             ("aiortc_stock", document["baselines"]["aiortc_stock"])):  # fmt: skip
+        assert set(figures) == {"p50", "p99", "fps", "cpu_sender_pct", "cpu_receiver_pct"}
+        assert all(positive(value) for value in figures.values()), (variant, figures)
+        assert figures["p50"] <= figures["p99"], (variant, figures)
+        details = document["details"][variant]
+        # Real decoded video, in the codec asked for, each frame matched with its capture time.
+        assert details["negotiated_codec"] == codec
+        assert details["decoded"] > 0 and details["samples"] >= details["decoded"] / 2, details
