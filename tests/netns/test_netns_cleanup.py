@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import NETNS_DIR, NetnsError, Network, tool
+from tests.support.rendezvous import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,8 @@ def test_everything_is_removed_when_the_test_fails(tmp_path: Path) -> None:
         rule = net.iptables(a, "-A", "INPUT", "-i", end_a, "-j", "DROP")
         assert net.packets(rule) == 0
         process = net.spawn(b, ["sleep", "60"], tmp_path / "sleep.log")
-        assert net.pids_in(b) == [process.pid]  # `ip netns exec` execs: the pid is sleep's
+        # `ip netns exec` enters the namespace, then execs: the pid there is sleep's own.
+        assert wait_until(lambda: net.pids_in(b) == [process.pid], timeout_s=10)
         made = list(net.namespaces)
         raise RuntimeError("the test failed")
     assert process.poll() is not None
