@@ -148,36 +148,11 @@ def moving_pose(t_s: float) -> ArmPose:
 # --- the stock variant's track and receive path (set in its processes only) ---------------------
 
 
-class RtpOrigin:
-    """Measurement hook: the RTP timestamp a frame will carry, once the sender's random origin is
-    known. The sender keeps the timestamp of the last packet it sent; when the previous frame
-    went out, that minus its pts is the origin. Two equal guesses in a row are taken (one frame
-    the encoder skipped cannot fake it), the rule media.CameraTrack uses."""
-
-    def __init__(self) -> None:
-        self.value: int | None = None
-        self._guess: int | None = None
-        self._last_pts: int | None = None
-
-    def rtp_ts(self, sender: Any, pts: int) -> int | None:
-        from services.webrtc_gateway.media import _SENDER_RTP_TIMESTAMP, RTP_WRAP
-
-        if self.value is None and self._last_pts is not None and sender is not None:
-            last_sent = getattr(sender, _SENDER_RTP_TIMESTAMP, None)
-            if isinstance(last_sent, int) and last_sent != 0:
-                guess = (last_sent - self._last_pts) % RTP_WRAP
-                if guess == self._guess:
-                    self.value = guess
-                self._guess = guess
-        self._last_pts = pts
-        return None if self.value is None else (self.value + pts) % RTP_WRAP
-
-
 def stock_style_track_class() -> type:
     """Built on first use: aiortc is imported only in the peer processes."""
     from aiortc import VideoStreamTrack
 
-    from services.webrtc_gateway.media import to_av_frame
+    from services.webrtc_gateway.media import RtpOrigin, to_av_frame
 
     class StockStyleTrack(VideoStreamTrack):
         """A camera track as aiortc's examples write one: `recv()` waits for its next 30 fps
@@ -236,18 +211,15 @@ def stock_style_track_class() -> type:
     return StockStyleTrack
 
 
-def use_stock_media() -> None:
-    """This process's GatewayPeers send and receive video as stock aiortc does: no
-    install_encoders(), the example-style track instead of CameraTrack, and aiortc's own jitter
-    buffer: of rdv's receive path only the timestamp mapper (measurement) is set."""
-    from services.webrtc_gateway import media
-    from services.webrtc_gateway import peer as peer_module
+def media_path(variant: str) -> dict[str, Any]:
+    """GatewayPeer's media arguments: rdv's own, or stock aiortc's (the example-style track and
+    aiortc's own jitter buffer; of rdv's receive path only the timestamp mapper, which is the
+    measurement and adds no latency)."""
+    if variant == "rdv":
+        return {}
+    from services.webrtc_gateway.media import keep_rtp_timestamps
 
-    def stock_receive_path(receiver: Any) -> None:
-        setattr(receiver, media._RECEIVER_MAPPER, media.RtpTimestamps())
-
-    peer_module.fix_receive_path = stock_receive_path  # type: ignore[assignment]
-    peer_module.CameraTrack = stock_style_track_class()  # type: ignore[misc]
+    return {"track_factory": stock_style_track_class(), "receive_path": keep_rtp_timestamps}
 
 
 # --- the two peer processes ---------------------------------------------------------------------
@@ -260,9 +232,7 @@ def _prepare(variant: str) -> None:
     restrict_host_candidates([HOST])
     check_aiortc()
     if variant == "rdv":
-        install_encoders()
-    else:
-        use_stock_media()
+        install_encoders()  # stock keeps aiortc's encoder factory
 
 
 async def _signal(gateway: Any, pipe: Connection, offerer: bool) -> str:
@@ -300,7 +270,7 @@ def sender_side(conn: Connection, peer: Connection, variant: str, width: int, he
 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        robot = GatewayPeer(PeerConfig(initiator=False, cameras=(CAMERA,)))
+        robot = GatewayPeer(PeerConfig(initiator=False, cameras=(CAMERA,)), **media_path(variant))
 
         def deliver(frame: Any) -> None:  # on the camera's thread: the loop sends it
             loop.call_soon_threadsafe(robot.send_video, CAMERA, frame)
@@ -354,7 +324,7 @@ def receiver_side(conn: Connection, peer: Connection, variant: str, codec: str) 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         config = PeerConfig(initiator=True, cameras=(CAMERA,), video_codec=codec)
-        teleop = GatewayPeer(config, on_video=count)
+        teleop = GatewayPeer(config, on_video=count, **media_path(variant))
         watch = None
         try:
             answer = await _signal(teleop, peer, offerer=True)

@@ -38,7 +38,13 @@ from services.session_manager.presence import (
     presence_topic,
     station_of,
 )
-from services.session_manager.session import STATES, Actions, SessionMachine, Timeouts
+from services.session_manager.session import (
+    OUTCOMES,
+    STATES,
+    Actions,
+    SessionMachine,
+    Timeouts,
+)
 from services.session_manager.signing import SignatureRejected, Verifier, sign_envelope
 from services.sim import SO101_KEYS
 
@@ -166,6 +172,10 @@ class SessionManager:
         self.connect_event: dict[str, Any] | None = None
         self.next_connect_repeat = 0.0
         self._set_state_gauge()
+        # Every outcome exported at 0: a series born at 1 hides its first session from rate().
+        for outcome in OUTCOMES:
+            if outcome != "rejected":  # refusals are not sessions (not counted here)
+                metrics.SESSIONS.labels(outcome=outcome)
 
     def presence(self) -> Presence:
         return Presence(

@@ -91,6 +91,32 @@ def install_encoders() -> None:
     aiortc.rtcrtpsender.get_encoder = rdv_get_encoder
 
 
+class RtpOrigin:
+    """The RTP timestamp a frame will carry, once the sender's random origin is known.
+
+    The sender adds a random origin to each pts and keeps the last RTP timestamp it sent. When
+    the last frame we gave it was sent, that timestamp minus its pts is the origin; seeing the
+    same value for two frames in a row rules out a frame the encoder skipped.
+    """
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self._guess: int | None = None
+        self._last_pts: int | None = None
+
+    def rtp_ts(self, sender: RTCRtpSender | None, pts: int) -> int | None:
+        """Call once per frame handed to `sender`, before it is sent."""
+        if self.value is None and self._last_pts is not None and sender is not None:
+            last_sent = getattr(sender, _SENDER_RTP_TIMESTAMP, None)
+            if isinstance(last_sent, int) and last_sent != 0:
+                guess = (last_sent - self._last_pts) % RTP_WRAP
+                if guess == self._guess:
+                    self.value = guess
+                self._guess = guess
+        self._last_pts = pts
+        return None if self.value is None else (self.value + pts) % RTP_WRAP
+
+
 class CameraTrack(MediaStreamTrack):
     """One robot camera as a WebRTC track: always the newest bus frame, never a queue.
 
@@ -111,8 +137,7 @@ class CameraTrack(MediaStreamTrack):
         self._fresh = asyncio.Event()
         self._first_t: int | None = None
         self._last_pts: int | None = None
-        self._origin_guess: int | None = None
-        self._rtp_origin: int | None = None
+        self._origin = RtpOrigin()
         self.frames_replaced = 0
 
     def offer(self, frame: VideoFrame) -> None:
@@ -131,28 +156,11 @@ class CameraTrack(MediaStreamTrack):
         pts = (frame.t - self._first_t) * VIDEO_CLOCK_HZ // 1_000_000_000
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1  # RTP timestamps must rise, even if a clock stepped back
-        self._learn_rtp_origin()
         self._last_pts = pts
-        if self._rtp_origin is not None:
-            self._on_capture(self.camera, (self._rtp_origin + pts) % RTP_WRAP, frame.t)
+        rtp_ts = self._origin.rtp_ts(self.sender, pts)
+        if rtp_ts is not None:
+            self._on_capture(self.camera, rtp_ts, frame.t)
         return to_av_frame(frame, pts)
-
-    def _learn_rtp_origin(self) -> None:
-        """The sender's random RTP timestamp origin, from the timestamp of the last sent frame.
-
-        The sender adds a random origin to each pts and keeps the last RTP timestamp it sent.
-        When the last frame we gave it was sent, that timestamp minus its pts is the origin;
-        seeing the same value for two frames in a row rules out a frame the encoder skipped.
-        """
-        if self._rtp_origin is not None or self._last_pts is None or self.sender is None:
-            return
-        last_sent = getattr(self.sender, _SENDER_RTP_TIMESTAMP, None)
-        if not isinstance(last_sent, int) or last_sent == 0:
-            return
-        guess = (last_sent - self._last_pts) % RTP_WRAP
-        if guess == self._origin_guess:
-            self._rtp_origin = guess
-        self._origin_guess = guess
 
 
 def to_av_frame(frame: VideoFrame, pts: int) -> av.VideoFrame:
@@ -221,6 +229,12 @@ class RtpTimestamps(TimestampMapper):
 def fix_receive_path(receiver: RTCRtpReceiver) -> None:
     """Swap in the marker-aware jitter buffer and raw RTP timestamps on a video receiver."""
     setattr(receiver, _RECEIVER_JITTER, MarkerJitterBuffer(capacity=512, is_video=True))
+    keep_rtp_timestamps(receiver)
+
+
+def keep_rtp_timestamps(receiver: RTCRtpReceiver) -> None:
+    """Only the measurement part: decoded frames keep their RTP timestamp as pts (no latency
+    change; what a benchmark of stock aiortc's receive path uses)."""
     setattr(receiver, _RECEIVER_MAPPER, RtpTimestamps())
 
 

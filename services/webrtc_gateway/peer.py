@@ -31,6 +31,7 @@ from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
@@ -100,7 +101,11 @@ class GatewayPeer:
         on_estop: Callable[[str], None] = lambda _by: None,
         on_telemetry: Callable[[dict[str, float]], None] = lambda _fields: None,
         clock: Callable[[], int] = clock.now_ns,
+        track_factory: Callable[[str, Callable[[str, int, int], None]], Any] = CameraTrack,
+        receive_path: Callable[[RTCRtpReceiver], None] = fix_receive_path,
     ) -> None:
+        """track_factory and receive_path are rdv's media path; `rdv bench video` swaps in
+        stock aiortc's to measure it beside rdv's."""
         self.config = config
         self._on_command = on_command
         self._on_follower = on_follower
@@ -108,6 +113,7 @@ class GatewayPeer:
         self._on_estop = on_estop
         self._on_telemetry = on_telemetry
         self._clock = clock
+        self._track_factory = track_factory
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(config.ice_servers)))
         self.cmd = self.pc.createDataChannel(
             "cmd", ordered=False, maxRetransmits=0, negotiated=True, id=CMD_CHANNEL_ID
@@ -131,7 +137,7 @@ class GatewayPeer:
             for camera in config.cameras:
                 transceiver = self.pc.addTransceiver("video", direction="recvonly")
                 prefer_codec(transceiver, config.video_codec)
-                fix_receive_path(transceiver.receiver)
+                receive_path(transceiver.receiver)
                 self._asked_video.append((transceiver, camera))
             self.pc.on("track", self._on_track)
 
@@ -147,7 +153,7 @@ class GatewayPeer:
         # order); streams beyond what the offer asks for are not sent.
         offered = sum(1 for t in self.pc.getTransceivers() if t.kind == "video")
         for camera in self.config.cameras[:offered]:
-            track = CameraTrack(camera, self._send_capture)
+            track = self._track_factory(camera, self._send_capture)
             track.sender = self.pc.addTrack(track)
             self.camera_tracks[camera] = track
         await self.pc.setLocalDescription(await self.pc.createAnswer())
