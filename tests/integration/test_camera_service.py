@@ -14,29 +14,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.bus import MessageFrame, Subscriber, VideoFrame, load_bus_map
 from services.station_runner import free_port_offset
+from tests.support.clips import write_clip
 
 pytestmark = pytest.mark.integration
 FILE_FRAMES = 12  # the clip is shorter than the test: it must loop
-
-
-def write_clip(path: Path, width: int, height: int) -> list[np.ndarray]:
-    """A short clip whose frames each have their own flat colour, to recognise them after."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (width, height))
-    assert writer.isOpened(), "OpenCV cannot write the test clip"
-    frames = []
-    for n in range(FILE_FRAMES):
-        image = np.full((height, width, 3), (20 * n, 255 - 20 * n, 128), np.uint8)
-        writer.write(image)
-        frames.append(image)
-    writer.release()
-    return frames
 
 
 @pytest.fixture
@@ -68,7 +55,7 @@ def metric(port: int, name: str, labels: dict[str, str]) -> float | None:
 
 
 def test_video_file_camera_loops_while_a_broken_camera_is_retried(workdir: Path) -> None:
-    clip = write_clip(workdir / "clip.avi", 320, 240)
+    clip = write_clip(workdir / "clip.avi", 320, 240, FILE_FRAMES)
     cameras = {
         "clip": {"type": "opencv", "index_or_path": str(workdir / "clip.avi"),
                  "width": 320, "height": 240, "fps": 30},

@@ -24,73 +24,43 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from services.bus import FollowerFrame, JointFrame, Subscriber
-from services.session_manager.identity import TrustRoster, register
 from services.webrtc_gateway.link import OFFSET_WINDOW, PING_INTERVAL_S
 from tests.support.arm_checks import collect, wait_for_state
-from tests.support.broker import Mosquitto
 from tests.support.station import Station
+from tests.support.two_stations import Pair, two_stations
 
 pytestmark = pytest.mark.integration
 BOUND_NS = 1_000_000  # issue 5: the corrected latency stays within 1 ms
-ROBOT_PROGRAMS = ["follower_arm", "session_manager", "gateway"]
-TELEOP_PROGRAMS = ["leader_arm", "session_manager", "gateway"]
-
-
-def pair_identities(broker_url: str, dirs: dict[str, Path]) -> None:
-    """One identity per station (as `rdv register` makes them), each trusting the other."""
-    identities = {
-        role: register(
-            directory, owner="skew", broker_url=broker_url, station_id=f"skew-{role}",
-            role_hint=role,
-        )[0]
-        for role, directory in dirs.items()
-    }  # fmt: skip
-    for role, directory in dirs.items():
-        roster = TrustRoster.load(directory)
-        for other_role, other in identities.items():
-            if other_role != role:
-                roster.add(other.station_id, other.public_key_b64, replace=True)
 
 
 @dataclass
-class Pair:
-    robot: Station
-    teleop: Station
+class Skewed:
+    stations: Pair
     skew_ms: int
 
+    @property
+    def robot(self) -> Station:
+        return self.stations.robot
+
+    @property
+    def teleop(self) -> Station:
+        return self.stations.teleop
+
     def logs(self) -> str:
-        return f"{self.robot.logs()}\n{self.teleop.logs()}"
+        return self.stations.logs()
 
 
 @pytest.fixture(params=[0, 250, -250], ids=lambda ms: f"teleop clock {ms:+d} ms")
-def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+def pair(request: pytest.FixtureRequest) -> Iterator[Skewed]:
     skew_ms: int = request.param
-    stations: list[Station] = []
-    with Mosquitto() as broker:
-        try:
-            common = {"RDV_MQTT_VERSION": "5", "RDV_ICE_HOSTS": "127.0.0.1", "RDV_CAMERAS": ""}
-            robot = Station("robot.conf", env={**common, "RDV_CLOCK_SKEW_MS": "0"})
-            stations.append(robot)
-            # Both identities in the robot's temp dir (removed last): a session manager reads
-            # its trust roster at start, so both must exist before either station starts.
-            dirs = {role: robot.root / "identity" / role for role in ("robot", "teleop")}
-            pair_identities(broker.url, dirs)
-            robot.env["RDV_CONFIG_DIR"] = str(dirs["robot"])
-            robot.start(ROBOT_PROGRAMS)
-            # Made after the robot started, so its free port offset avoids the robot's ports.
-            teleop = Station("teleop.conf", env={**common, "RDV_CLOCK_SKEW_MS": str(skew_ms)})
-            stations.append(teleop)
-            teleop.env["RDV_CONFIG_DIR"] = str(dirs["teleop"])
-            teleop.start(TELEOP_PROGRAMS)
-            yield Pair(robot, teleop, skew_ms)
-        finally:
-            for station in reversed(stations):
-                station.stop()
+    with two_stations(
+        robot_env={"RDV_CLOCK_SKEW_MS": "0"}, teleop_env={"RDV_CLOCK_SKEW_MS": str(skew_ms)}
+    ) as stations:
+        yield Skewed(stations, skew_ms)
 
 
 def control_latency(station: Station) -> tuple[float, float]:
@@ -105,7 +75,7 @@ def refused(station: Station, reason: str) -> float:
     return station.metric("follower_arm", "rdv_commands_rejected_total", {"reason": reason})
 
 
-def test_offset_estimate_corrects_a_skewed_station_clock_within_1_ms(pair: Pair) -> None:
+def test_offset_estimate_corrects_a_skewed_station_clock_within_1_ms(pair: Skewed) -> None:
     leader = Subscriber(pair.teleop.bus, ["joints.leader"])
     follower = Subscriber(pair.robot.bus, ["joints.follower"])
     try:
