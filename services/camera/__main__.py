@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from services import clock, metrics
+from services import clock, exits, metrics
 from services.arm_driver.ticker import Ticker
 from services.bus import BusConfigError, BusMap, Publisher, VideoFrame, load_bus_map
 from services.bus.health import HealthBeat
@@ -34,7 +34,7 @@ from services.logs import setup_logging
 
 log = logging.getLogger("camera")
 PROCESS = "camera"
-EXIT_CONFIG = 78  # EX_CONFIG: supervisord must not restart a process that cannot work
+EXIT_CONFIG = exits.EXIT_CONFIG  # supervisord must not restart a process that cannot work
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 
@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"no cameras configured: give --robot.cameras or ${CAMERAS_ENV}")
         return EXIT_CONFIG
     metrics.serve_metrics(args.metrics_port or bus.metrics_port(PROCESS))
-    publisher = Publisher(bus, PROCESS, send_hwm=bus.video_hwm)
+    try:
+        publisher = Publisher(bus, PROCESS, send_hwm=bus.video_hwm)
+    except BusConfigError as exc:  # its bus endpoint cannot be bound (run dir, port)
+        log.error("%s", exc)
+        return EXIT_CONFIG
     shared = LockedPublisher(publisher)
     health = HealthBeat(shared, args.station, PROCESS)  # type: ignore[arg-type]
     stop = threading.Event()
@@ -208,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exits.final(main()))
