@@ -16,6 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from services.arm_driver.safety import SafetyConfig
+from services.service_flags import add_station_flags
 
 DEFAULTS = SafetyConfig(limits=((0.0, 1.0),))
 TORQUE_POLICIES = ("hold", "release")
@@ -169,38 +170,6 @@ def add_control_flags(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='follower: joint limits as JSON {"shoulder_pan.pos": [-110, 110], ...}; commands '
         "outside them are refused (default: the device's own, or SO101 nominal limits)",
-    )
-
-
-def add_station_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("station")
-    group.add_argument(
-        "--station",
-        default=os.environ.get("RDV_STATION", "local"),
-        help="station id, carried as `src` in every frame (default: $RDV_STATION or %(default)s)",
-    )
-    group.add_argument(
-        "--bus-config",
-        default=None,
-        help="bus map file (default: $RDV_BUS_CONFIG or bus_config/bus.toml)",
-    )
-    group.add_argument(
-        "--run-dir",
-        default=None,
-        help="directory for bus sockets and logs (default: $RDV_RUN_DIR or run/local)",
-    )
-    group.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="Prometheus /metrics port on 127.0.0.1 "
-        "(default: the bus map's, plus $RDV_PORT_OFFSET)",
-    )
-    group.add_argument(
-        "--log-level",
-        default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
     )
 
 

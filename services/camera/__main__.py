@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -31,6 +30,7 @@ from services.camera.config import (
 )
 from services.camera.sources import CameraFailure, Source, open_source
 from services.logs import setup_logging
+from services.service_flags import add_station_flags
 
 log = logging.getLogger("camera")
 PROCESS = "camera"
@@ -56,21 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cameras as LeRobot takes them, a JSON object name -> settings (default: "
         f"${CAMERAS_ENV}, else none)",
     )
-    parser.add_argument(
-        "--station",
-        default=os.environ.get("RDV_STATION", "local"),
-        help="station id stamped on frames (default: $RDV_STATION or %(default)s)",
-    )
-    parser.add_argument("--bus-config", default=None, help="bus map (default: bus_config)")
-    parser.add_argument("--run-dir", default=None, help="bus socket dir (default: $RDV_RUN_DIR)")
-    parser.add_argument(
-        "--metrics-port", type=int, default=None, help="default: the bus map's, plus offsets"
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
-        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
-    )
+    add_station_flags(parser)
     return parser
 
 

@@ -27,6 +27,7 @@ from services.bus import BusConfigError, MessageFrame, Publisher, Subscriber, lo
 from services.bus.health import HealthBeat
 from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
 from services.logs import setup_logging
+from services.service_flags import add_station_flags
 from services.session_manager.identity import IdentityError, TrustRoster, config_dir, load_identity
 from services.session_manager.mqtt_link import Connected, Disconnected, Incoming, MqttLink
 from services.session_manager.presence import (
@@ -115,16 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its key fingerprint (default: off, only keys in trusted.json)",
     )
     parser.add_argument("--station", default=None, help="ignored: the id comes from the identity")
-    parser.add_argument("--bus-config", default=None, help="bus map (default: bus_config)")
-    parser.add_argument("--run-dir", default=None, help="bus socket dir (default: $RDV_RUN_DIR)")
-    parser.add_argument(
-        "--metrics-port", type=int, default=None, help="default: the bus map's, plus offset"
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
-        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
-    )
+    add_station_flags(parser, station=False)
     return parser
 
 

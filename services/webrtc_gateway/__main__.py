@@ -37,6 +37,7 @@ from services.bus import (
 from services.bus.health import HealthBeat
 from services.camera.config import CAMERAS_ENV, camera_names, cameras_from_env
 from services.logs import setup_logging
+from services.service_flags import add_station_flags
 from services.webrtc_gateway.media import CODEC_MIME, check_aiortc, install_encoders
 from services.webrtc_gateway.peer import GatewayPeer, PeerConfig, restrict_host_candidates
 from services.webrtc_gateway.viewer import Viewer, ViewerState
@@ -121,21 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from the session's start until the channels must be open "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--station",
-        default=os.environ.get("RDV_STATION", "local"),
-        help="station id for health frames (default: $RDV_STATION or %(default)s)",
-    )
-    parser.add_argument("--bus-config", default=None, help="bus map (default: bus_config)")
-    parser.add_argument("--run-dir", default=None, help="bus socket dir (default: $RDV_RUN_DIR)")
-    parser.add_argument(
-        "--metrics-port", type=int, default=None, help="default: the bus map's, plus offsets"
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("RDV_LOG_LEVEL", "INFO"),
-        help="log verbosity (default: $RDV_LOG_LEVEL or %(default)s)",
-    )
+    add_station_flags(parser)
     return parser
 
 
