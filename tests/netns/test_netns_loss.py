@@ -147,13 +147,14 @@ class Delivery:
     def of(cls, samples: list[Sample]) -> Delivery:
         # The leader's last max_command_age of frames is left out: their commands may still
         # be on their way when the window closes, and older ones are of no use to the arm.
+        # (The leader's seq also counts its health beats: only the joint frames seen count.)
         leaders = [s.frame for s in samples if s.topic == "joints.leader"]
         last_t = max(f.t for f in leaders) - DEFAULTS.max_command_age_s * 1e9
-        sent = range(min(f.seq for f in leaders), max(f.seq for f in leaders if f.t <= last_t) + 1)
-        got = sorted({s.frame.seq for s in samples if s.topic == "joints.command"} & set(sent))
-        runs = [b - a - 1 for a, b in itertools.pairwise([sent[0] - 1, *got, sent[-1] + 1])]
+        got = {s.frame.seq for s in samples if s.topic == "joints.command"}
+        arrived = [f.seq in got for f in sorted(leaders, key=lambda f: f.seq) if f.t <= last_t]
+        runs = [len(list(run)) for came, run in itertools.groupby(arrived) if not came]
         ages = sorted((s.recv_ns - s.frame.t) / 1e6 for s in samples if s.topic == "joints.command")
-        return cls(len(got) / len(sent), max(runs), ages)
+        return cls(sum(arrived) / len(arrived), max(runs, default=0), ages)
 
     def age(self, q: float) -> float:
         return self.age_ms[min(len(self.age_ms) - 1, int(q * len(self.age_ms)))]
