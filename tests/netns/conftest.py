@@ -3,6 +3,7 @@
 The probe (tests/support/netns.py `unavailable_reason`) creates a namespace, a veth and an
 iptables statistic rule and removes them; a refusal (not root, kernel says no) skips every test
 here with that reason. Missing tools are an error, not a skip: scripts/setup.sh installs them.
+It must never skip for any other reason.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 What the other netns tests rely on for "leave nothing behind": processes started in a
 namespace are stopped by pid, a process that escaped its parent is found in the namespace,
 killed and reported, and every namespace (with its veths and iptables rules) is deleted.
+These tests must never signal a process outside the namespaces they made.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ A full cut (every packet, both ways) must make the follower hold within the DESI
 (the deadman trips after 250 ms without a command), the robot's gateway must declare the link
 lost (ping/pong, 500 ms), and when the link returns the stations pair again and the follower
 re-engages with a ramp, never a jump.
+
+Nothing here may touch the root namespace's network or leave a namespace, rule or process
+behind (the Site removes them, failure or not).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ dropped the direct checks (they were tried); on both gateways the pair ICE settl
 end at a relayed address coturn allocated (aioice's own log lines); coturn's log shows those
 allocations and permissions for the NATs' public addresses. Then the follower tracks the
 leader within the clean link's bound (a relay on the same segment adds well under a tick).
+
+Nothing here may touch the root namespace's network or leave a namespace, rule, server or
+process behind (the Site removes them, failure or not).
 """
 
 from __future__ import annotations
