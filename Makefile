@@ -4,7 +4,7 @@ VENV ?= .venv
 export RDV_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint unit clean
+.PHONY: setup demo test lint unit reliability clean
 
 $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -24,6 +24,12 @@ lint: setup
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit
+
+# The fault suite, then docs/reliability.md from what it measured (rendered even when a case
+# failed, which the page then shows; the exit status is the suite's).
+reliability: setup
+	$(BIN)/python -m pytest tests/faults; status=$$?; \
+	$(BIN)/python scripts/reliability_table.py && exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

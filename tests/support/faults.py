@@ -44,7 +44,6 @@ from tests.support.broker import (
     received,
     subscribe,
 )
-from tests.support.demo import program_infos
 from tests.support.recorder import BusRecorder
 from tests.support.station import Station
 
@@ -92,7 +91,7 @@ def wait_healthy(
     if running is None:
 
         def running() -> bool:
-            return all(i["statename"] == "RUNNING" for i in program_infos(demo).values())
+            return all(i["statename"] == "RUNNING" for i in demo.programs().values())
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -119,7 +118,7 @@ def inject(
     """SIGKILL (`how="kill"`) or SIGSTOP for pause_s then SIGCONT (`how="pause"`) `program`,
     then wait for recovery and judge it."""
     session_before = wait_healthy(demo, recorder, timeout_s)
-    pid = int(program_infos(demo)[program]["pid"])
+    pid = int(demo.programs()[program]["pid"])
     assert pid > 0, f"{program} has no pid"
     fault_ns = time.time_ns()
     if how == "kill":
@@ -137,7 +136,7 @@ def inject(
     recovery = Recovery(fault_ns, resume_ns, session_before)
 
     def back() -> bool:
-        info = program_infos(demo)[program]
+        info = demo.programs()[program]
         new_pid = int(info["pid"]) not in (0, pid)
         if how == "kill" and new_pid and recovery.restarted_s is None:
             recovery.restarted_s = (time.time_ns() - fault_ns) / 1e9
