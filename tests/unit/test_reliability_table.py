@@ -64,3 +64,14 @@ def test_results_without_rows_are_refused(tmp_path: Path) -> None:
     results.write_text(json.dumps(DOCUMENT))
     assert table.main([str(results), "--out", str(out)]) == 0
     assert "robot_gateway" in out.read_text()
+
+
+def test_regenerating_keeps_the_hand_kept_network_section(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(DOCUMENT))
+    out = tmp_path / "reliability.md"
+    out.write_text("# old page\n| old row |\n\n## Network: from tests/netns\nits figures\n")
+    assert table.main([str(results), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| old row |" not in page and "| SIGKILL" in page
+    assert page.endswith("\n## Network: from tests/netns\nits figures\n")
