@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -66,7 +67,8 @@ def write_if_changed(path: Path, text: str) -> None:
         temp.write_text(text)
         temp.replace(path)
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hide why the write failed
+            temp.unlink(missing_ok=True)
 
 
 def run_mosquitto(binary: str, port: int, run_dir: Path) -> int:
