@@ -146,4 +146,3 @@ def max_reengage_step(frames: list[FollowerFrame]) -> float:
 def max_goal_step_per_run(frames: list[FollowerFrame]) -> float:
     """max_goal_step over each follower run (see follower_segments), the worst of them."""
     return max((max_goal_step(segment) for segment in follower_segments(frames)), default=0.0)
-
