@@ -162,6 +162,7 @@ class SessionManager:
         self.health = HealthBeat(self.publisher, self.me, PROCESS)
         self.next_presence = 0.0
         self.connect_event: dict[str, Any] | None = None
+        self.peer_signals: list[dict[str, Any]] = []  # the peer's SDP for the current session
         self.next_connect_repeat = 0.0
         self._set_state_gauge()
         # Every outcome exported at 0: a series born at 1 hides its first session from rate().
@@ -236,7 +237,13 @@ class SessionManager:
         except PresenceError as exc:
             log.warning("ignoring bad presence of %s: %s", station, exc)
             return
+        before = self.board.stations.get(station)
+        was_free = before is not None and before.presence.status == "online" and not (
+            before.presence.busy)  # fmt: skip
         self.board.update(station, presence, now)
+        free = presence.role == "robot" and presence.status == "online" and not presence.busy
+        if free and not was_free:
+            self.machine.robot_became_free(presence)
 
     def on_inbox(self, payload: bytes, now: float) -> None:
         try:
@@ -271,6 +278,11 @@ class SessionManager:
             self.send_control(event)
             if event.get("event") == "connect":
                 self.connect_event = event
+                self.peer_signals = []
+            elif event.get("event") == "signal":
+                # Kept to be said again with `connect`: a gateway that joined the bus late
+                # (restarted, or slower than a fast pairing) must not miss the peer's offer.
+                self.peer_signals.append(event)
         if actions.outcome is not None and actions.outcome != "rejected":
             metrics.SESSIONS.labels(outcome=actions.outcome).inc()
         if actions.presence_changed:
@@ -282,14 +294,18 @@ class SessionManager:
         self.publisher.send("session.control", frame)
 
     def repeat_connect(self, now: float) -> None:
-        """While paired, say `connect` again each second: a gateway that (re)started after the
-        first one must not wait out the paired time-out. The gateway ignores repeats."""
+        """While paired, say `connect` (and the peer's signals) again each second: a gateway
+        that (re)started after the first one, or subscribed after a fast pairing, must not wait
+        out its connect time-out. The gateway ignores repeats it has already acted on."""
         if self.machine.state != "paired" or self.connect_event is None:
             return
         if self.connect_event.get("session") != self.machine.session:
             return
         if now >= self.next_connect_repeat:
             self.send_control(self.connect_event)
+            for signal_event in self.peer_signals:
+                if signal_event.get("session") == self.machine.session:
+                    self.send_control(signal_event)
             self.next_connect_repeat = now + 1.0
 
     def publish_presence(self) -> None:

@@ -80,6 +80,7 @@ class SessionMachine:
         self._corr: str | None = None
         self._candidates: list[str] = []
         self._retry_at = 0.0
+        self._empty_look_at: float | None = None  # when the last look found no robot
 
     @property
     def busy(self) -> bool:
@@ -100,10 +101,21 @@ class SessionMachine:
         if self.role == "teleop" and self.state == "idle" and now >= self._retry_at:
             self._candidates = self._rank_candidates(now, board)
             if self._candidates:
+                self._empty_look_at = None
                 actions.extend(self._request(now))
             else:
                 self._retry_at = now + self.timeouts.retry_s
+                self._empty_look_at = now  # a robot arriving may cut this wait short
         return actions
+
+    def robot_became_free(self, presence: Presence) -> None:
+        """A robot that suits this teleop just came online or became free: look again at the
+        next tick instead of waiting out the idle retry (no robot was there when it last
+        looked). Only after an empty look, so racing teleops keep their spread-out retries."""
+        if self.role != "teleop" or self.state != "idle" or self._empty_look_at is None:
+            return
+        if self._suits(presence):
+            self._retry_at = min(self._retry_at, self._empty_look_at)
 
     def _peer_gone(self, board: PresenceBoard, now: float) -> bool:
         """Whether the peer's presence says the session is over.

@@ -153,6 +153,7 @@ class Gateway:
         ]
         self.peer: GatewayPeer | None = None
         self.session: str | None = None
+        self.said: dict[str, Any] | None = None  # our offer/answer for the current session
         self.tasks: set[asyncio.Task] = set()  # held so the loop cannot drop them mid-flight
         self.answer: asyncio.Future | None = None
         self.offer: asyncio.Future | None = None
@@ -228,6 +229,10 @@ class Gateway:
     def on_control(self, event: dict[str, Any]) -> None:
         name, session = event.get("event"), event.get("session")
         if name == "connect" and isinstance(session, str):
+            if session == self.session and self.said is not None and not self.is_open():
+                # A repeated connect while still connecting: the session manager may have
+                # missed our offer/answer (it restarted, or subscribed late). Say it again.
+                self.say(**self.said)
             if session != self.session:
                 # Set up synchronously: the peer's offer may be the very next bus frame.
                 old_peer, self.peer = self.peer, None
@@ -252,6 +257,9 @@ class Gateway:
             waiting = self.offer if event.get("kind") == "signal.offer" else self.answer
             if waiting is not None and not waiting.done():
                 waiting.set_result(event["sdp"])
+
+    def is_open(self) -> bool:
+        return self.peer is not None and self.peer.monitor is not None
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -296,11 +304,13 @@ class Gateway:
         async def connect() -> None:
             if initiator:
                 offer = await peer.make_offer()
-                self.say(event="signal", kind="signal.offer", session=session, sdp=offer)
+                self.said = dict(event="signal", kind="signal.offer", session=session, sdp=offer)
+                self.say(**self.said)
                 await peer.accept_answer(await self.answer)
             else:
                 answer = await peer.accept_offer(await self.offer)
-                self.say(event="signal", kind="signal.answer", session=session, sdp=answer)
+                self.said = dict(event="signal", kind="signal.answer", session=session, sdp=answer)
+                self.say(**self.said)
             await peer.wait_open(self.args.connect_timeout)
 
         try:

@@ -1119,3 +1119,35 @@ def test_robot_refuses_a_session_request_signed_by_another_robot() -> None:
         ("session.reject", "robot-2", "role")
     ]
     assert net.m("robot-1").state == "idle" and not net.m("robot-1").busy
+
+
+def test_an_idle_teleop_asks_a_robot_as_soon_as_it_appears_not_after_its_retry() -> None:
+    net = Net()
+    teleop = net.add("teleop-1", "teleop")
+    net.tick("teleop-1")  # nobody there: the next look would be retry_s later
+    assert teleop.state == "idle"
+    robot = net.add("robot-1", "robot")  # its presence arrives
+    net.now += 0.01
+    net.tick("teleop-1")
+    assert teleop.state == "idle"  # without being told, it waits out the retry
+    teleop.robot_became_free(net.board.stations["robot-1"].presence)
+    net.tick("teleop-1")
+    assert teleop.state == "requesting" and robot.state == "idle"
+
+
+def test_a_robot_appearing_does_not_cut_short_the_spread_after_refusals() -> None:
+    net = Net()
+    teleop = net.add("teleop-1", "teleop")
+    net.add("robot-1", "robot")
+    net.tick("teleop-1")
+    (request,) = [send for _, send in net.in_flight]
+    net.drop()
+    net.receive("teleop-1", "session.reject", "robot-1",
+                {"session": request.body["session"], "corr": request.body["corr"],
+                 "reason": "busy"})  # fmt: skip
+    assert teleop.state == "idle"
+    net.add("robot-2", "robot")
+    teleop.robot_became_free(net.board.stations["robot-2"].presence)
+    net.now += 0.01
+    net.tick("teleop-1")
+    assert teleop.state == "idle"  # racing teleops keep their randomised retry
