@@ -49,6 +49,9 @@ from services.session_manager.session import (
 from services.session_manager.signing import SignatureRejected, Verifier, sign_envelope
 from services.sim import SO101_KEYS
 
+# A gateway that subscribed after the first `connect` (ZeroMQ's reconnect takes ~100 ms) hears
+# it again this soon; the bus is local, repeats are cheap, and the paired state is short.
+CONNECT_REPEAT_S = 0.25
 PROCESS = "session_manager"
 EXIT_CONFIG = exits.EXIT_CONFIG
 log = logging.getLogger("rdv.session_manager")
@@ -294,9 +297,9 @@ class SessionManager:
         self.publisher.send("session.control", frame)
 
     def repeat_connect(self, now: float) -> None:
-        """While paired, say `connect` (and the peer's signals) again each second: a gateway
-        that (re)started after the first one, or subscribed after a fast pairing, must not wait
-        out its connect time-out. The gateway ignores repeats it has already acted on."""
+        """While paired, say `connect` (and the peer's signals) again every CONNECT_REPEAT_S:
+        a gateway that (re)started after the first one, or subscribed after a fast pairing, must
+        not wait out its connect time-out. The gateway ignores repeats it has already acted on."""
         if self.machine.state != "paired" or self.connect_event is None:
             return
         if self.connect_event.get("session") != self.machine.session:
@@ -306,7 +309,7 @@ class SessionManager:
             for signal_event in self.peer_signals:
                 if signal_event.get("session") == self.machine.session:
                     self.send_control(signal_event)
-            self.next_connect_repeat = now + 1.0
+            self.next_connect_repeat = now + CONNECT_REPEAT_S
 
     def publish_presence(self) -> None:
         self.link.publish(
