@@ -4,7 +4,7 @@ VENV ?= .venv
 export RDV_VENV := $(VENV)
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint unit reliability clean
+.PHONY: setup demo test test-lerobot lint unit reliability clean
 
 $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -17,6 +17,13 @@ demo: setup
 
 test: setup lint
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-lerobot
+
+# The LeRobot tier (tests/lerobot): LeRobot's own SO101 classes over emulated Feetech buses, in a
+# cached venv with LeRobot and torch (scripts/lerobot_venv.sh: built on first use, ~2-3 min and
+# ~8.4 GB under ~/.cache/rdv/lerobot, then reused).
+test-lerobot: setup
+	lerobot_python=$$(bash scripts/lerobot_venv.sh) && "$$lerobot_python" -m pytest tests/lerobot
 
 lint: setup
 	$(BIN)/ruff check .

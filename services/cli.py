@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_register_parser(commands)
     add_trust_parser(commands)
     add_identity_parser(commands)
+    commands.add_parser(
+        "calibrate",
+        add_help=False,  # --help and the device flags go to services.arm_driver.calibrate
+        help="calibrate a LeRobot arm (LeRobot's interactive flow) before a station uses it",
+    )
 
     fleet = commands.add_parser(
         "fleet",
@@ -215,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_station(args.command, argv[1:], args.port_offset)
     if args.command == "bench":
         return run_bench(args.name, extra)
+    if args.command == "calibrate":
+        # Its own process: this module never talks to an arm. stdin stays the user's terminal.
+        command = [sys.executable, "-m", "services.arm_driver.calibrate", *argv[1:]]
+        return subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "local":

@@ -53,6 +53,14 @@ LOOP_OVERRUNS = Counter(
 DEVICE_ERRORS = Counter(
     "rdv_device_errors_total", "Failed reads or writes of an arm device.", ["op"]
 )
+DEVICE_READ_RETRIES = Counter(
+    "rdv_device_read_retries_total",
+    "Arm reads tried again within the same tick after a failed attempt.",
+)
+DEVICE_FAULT = Gauge(
+    "rdv_device_fault",
+    "1 while no read of the arm has worked for the fault time; the arm is held meanwhile.",
+)
 
 
 def serve_metrics(port: int) -> bool:

@@ -2,8 +2,9 @@
 
 Builds the device, connects it without prompting, serves metrics and runs the role's control
 loop on a dedicated thread until SIGTERM/SIGINT. Exit codes: 0 clean stop, 2 bad flags,
-78 configuration error (bus map, device config, bus endpoint not bindable: final under
-supervisord, see services/exits.py), 69 device unavailable, 70 loop crashed.
+78 configuration error (bus map, device config, missing or mismatched calibration, bus endpoint
+not bindable: final under supervisord, see services/exits.py), 69 device unavailable, 70 loop
+crashed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from services import exits, metrics
 from services.arm_driver.config import argv_with_environment, parse_driver_args
 from services.arm_driver.devices import (
+    CalibrationError,
     DeviceError,
     connect_device,
     joint_keys,
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_CONFIG
     try:
-        connect_device(device)
+        connect_device(device, config.device)
+    except CalibrationError as exc:  # a person must act: restarting cannot help
+        log.error("%s", exc)
+        return EXIT_CONFIG
     except DeviceError as exc:
         log.error("%s", exc)
         return EXIT_UNAVAILABLE

@@ -42,6 +42,7 @@ class DriverConfig:
     max_command_age_s: float = DEFAULTS.max_command_age_s
     command_timeout_s: float = DEFAULTS.command_timeout_s
     torque_policy: str = "hold"
+    fault_after_s: float = 0.25
     joint_limits: dict[str, tuple[float, float]] | None = None
     bus_config: str | None = None
     run_dir: str | None = None
@@ -164,6 +165,16 @@ def add_control_flags(parser: argparse.ArgumentParser) -> None:
         "'release' turns torque off (default: %(default)s)",
     )
     group.add_argument(
+        "--fault-after",
+        dest="fault_after_s",
+        type=float,
+        default=0.25,
+        help="a failed read of the arm is retried within the tick; when no read has worked for "
+        "this many seconds the device is in fault: the follower holds (state 'fault'), the "
+        "leader stops publishing, both say so in health and rdv_device_fault "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--joint-limits",
         type=_parse_limits,
         default=None,
@@ -212,6 +223,8 @@ def parse_driver_args(
         parser.error(f"--{other}.* flags given to a {kind} driver")
     if args.rate_hz <= 0 or args.rate_hz > 1000:
         parser.error("--rate must be in (0, 1000] Hz")
+    if not (math.isfinite(args.fault_after_s) and args.fault_after_s > 0):
+        parser.error("--fault-after must be a positive number of seconds")
     config = DriverConfig(
         device=DeviceSpec(
             kind=kind,
@@ -228,6 +241,7 @@ def parse_driver_args(
         max_command_age_s=args.max_command_age_s,
         command_timeout_s=args.command_timeout_s,
         torque_policy=args.torque_policy,
+        fault_after_s=args.fault_after_s,
         joint_limits=args.joint_limits,
         bus_config=args.bus_config,
         run_dir=args.run_dir,

@@ -7,11 +7,14 @@ existing calibration file. This module must never send a motion command itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import shlex
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from services.arm_driver.config import DeviceSpec
@@ -53,17 +56,66 @@ def make_device(spec: DeviceSpec) -> Any:
     return _make_lerobot_device(spec)
 
 
-def connect_device(device: Any) -> None:
-    """Connect without ever prompting: calibration must already exist."""
+class CalibrationError(DeviceError):
+    """No calibration file, or one that does not match the motors: a configuration error (exit
+    78), fixed by `rdv calibrate` with the same device flags, never by a prompt in the daemon."""
+
+
+def calibrate_command(spec: DeviceSpec) -> str:
+    """The `rdv calibrate ...` line for this device, with the flags the user gave."""
+    flags = [f"--{spec.kind}.type={spec.type}"]
+    flags += [f"--{spec.kind}.{name}={getattr(spec, name)}" for name in ("port", "id")
+              if getattr(spec, name)]  # fmt: skip
+    return "rdv calibrate " + " ".join(shlex.quote(flag) for flag in flags)
+
+
+def check_calibration_file(device: Any, spec: DeviceSpec) -> None:
+    """Refuse, before touching the port, a LeRobot device whose calibration file is missing."""
+    path = getattr(device, "calibration_fpath", None)
+    if path is not None and not Path(path).is_file():
+        raise CalibrationError(
+            f"{spec.type} {spec.id or '(default id)'}: no calibration file at {path}. Calibrate "
+            f"it once, with the arm at hand: `{calibrate_command(spec)}` (LeRobot's interactive "
+            "calibration); the driver never prompts."
+        )
+
+
+def connect_device(device: Any, spec: DeviceSpec | None = None) -> None:
+    """Connect without ever prompting: calibration must already exist and match the motors.
+
+    With a LeRobot motors bus the calibration is compared with the motors' registers before
+    the device is connected for real, so a mismatched arm is never configured or torqued.
+    """
+    if spec is not None:
+        check_calibration_file(device, spec)
+    bus = getattr(device, "bus", None)
+    if spec is not None and bus is not None and hasattr(bus, "read_calibration"):
+        try:
+            bus.connect()
+            matches = bus.is_calibrated
+            bus.disconnect(disable_torque=False)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                bus.disconnect(disable_torque=False)
+            raise DeviceError(f"cannot connect {type(device).__name__}: {exc}") from exc
+        if not matches:
+            raise CalibrationError(
+                f"{spec.type} {spec.id or '(default id)'}: the calibration in "
+                f"{getattr(device, 'calibration_fpath', '?')} does not match the motors on "
+                f"{spec.port} (homing offsets or ranges differ: another arm, or it was "
+                f"recalibrated elsewhere). Run `{calibrate_command(spec)}`; the driver never "
+                "prompts."
+            )
     try:
         device.connect(calibrate=False)
     except Exception as exc:
         raise DeviceError(f"cannot connect {type(device).__name__}: {exc}") from exc
     if not getattr(device, "is_calibrated", True):
         device.disconnect()
-        raise DeviceError(
-            f"{type(device).__name__} has no calibration matching its motors; run "
-            "`lerobot-calibrate` with the same --robot/--teleop flags first"
+        command = calibrate_command(spec) if spec is not None else "rdv calibrate"
+        raise CalibrationError(
+            f"{type(device).__name__} has no calibration matching its motors; run `{command}` "
+            "with the same --robot/--teleop flags first"
         )
 
 
@@ -170,6 +222,8 @@ def _convert(text: str, hint: Any, name: str) -> Any:
             return hint(text)
         if hint is str:
             return text
+        if isinstance(hint, type) and issubclass(hint, Path):
+            return hint(text)  # e.g. LeRobot's calibration_dir
         return json.loads(text)  # dicts, lists, tuples: LeRobot-style JSON values
     except ValueError:
         raise DeviceError(f"--*.{name}={text!r} is not a valid {hint}") from None

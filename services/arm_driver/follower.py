@@ -1,7 +1,10 @@
 """Follower role: apply `joints.command` under every safety rule, publish `joints.follower`.
 
 Commands are applied as soon as they arrive (latency is a feature); the fixed-rate tick checks
-the deadman, reads the arm and publishes its state. An emergency stop (`session.control`
+the deadman, reads the arm (retrying a failed read within the tick) and publishes its state.
+When the arm has not been readable for --fault-after the follower holds its last goal in state
+"fault", refusing commands, until a read works; then only a fresh command re-engages it, with a
+ramp. An emergency stop (`session.control`
 event "estop", from `rdv estop`, a viewer page or the paired teleop) latches at once and is
 written to the run dir, so it survives restarts of every process including this one; only a
 "rearm" event, which nothing but the robot station's own `rdv rearm` or page sends, clears it.
@@ -17,14 +20,15 @@ from typing import Any
 
 from services import clock, metrics
 from services.arm_driver.config import DriverConfig
-from services.arm_driver.devices import joint_keys, joint_limits, set_torque
+from services.arm_driver.device_io import DeviceReader
+from services.arm_driver.devices import DeviceError, joint_keys, joint_limits, set_torque
 from services.arm_driver.safety import REJECT_REASONS, FollowerSafety, Step
 from services.arm_driver.ticker import Ticker
 from services.bus import BusMap, FollowerFrame, FrameError, MessageFrame, Publisher, Subscriber
 from services.bus.health import HealthBeat
 
 log = logging.getLogger(__name__)
-STATES = ("waiting", "ramping", "tracking", "stale", "estop")
+STATES = ("waiting", "ramping", "tracking", "stale", "estop", "fault")
 ESTOP_FILE = "estop.latched"  # in the station's run dir: a stop outlives every process
 
 
@@ -36,7 +40,14 @@ class FollowerLoop:
         self.safety_config = config.safety_config(
             joint_limits(device, self.keys, config.joint_limits)
         )
-        self.measured = self._read()
+        self.reader = DeviceReader(
+            device.get_observation, self.keys, config.fault_after_s, "follower"
+        )
+        # The first reading may retry for a whole tick; without one there is nothing to hold.
+        start = self.reader.read(1.0 / config.rate_hz)
+        if start is None:
+            raise DeviceError("follower: cannot read the arm's position at start")
+        self.measured = start
         self.safety = FollowerSafety(self.safety_config, self.measured)
         self.subscriber = Subscriber(
             bus,
@@ -91,7 +102,7 @@ class FollowerLoop:
                 if got_command or tick:
                     self._apply(self.safety.step(self.measured, clock.now_ns()))
                 if tick:
-                    self.measured = self._read()
+                    self._read_arm()
                     self._publish_state()
                     self.ticker.advance()
                     if self.ticker.overruns > overruns:
@@ -144,8 +155,10 @@ class FollowerLoop:
             if self.torque_on and self._try(lambda: set_torque(self.device, False), "torque"):
                 self.torque_on = False
             return
-        if step.state == "waiting":
-            return  # never commanded: leave the arm exactly as connect() left it
+        if step.state in ("waiting", "fault"):
+            # waiting: never commanded, leave the arm as connect() left it. fault: the arm cannot
+            # be read; its goal registers keep the last approved goal, nothing more is sent.
+            return
         if not self.torque_on and self._try(lambda: set_torque(self.device, True), "torque"):
             self.torque_on = True
         if step.goal != self.sent_goal:
@@ -161,13 +174,18 @@ class FollowerLoop:
     safety_state = "waiting"
     control_ms: float | None = None
 
-    def _read(self) -> tuple[float, ...]:
-        try:
-            observation = self.device.get_observation()
-            return tuple(float(observation[key]) for key in self.keys)
-        except Exception as exc:
-            self._device_error("read", exc)
-            return self.measured
+    def _read_arm(self) -> None:
+        """Read within the tick's budget; on a fault hold (apply nothing) until reads work."""
+        was = self.reader.state
+        measured = self.reader.read(self.ticker.budget_s())
+        if measured is not None:
+            self.measured = measured
+        if self.reader.state == "fault" and was != "fault":
+            self.safety.device_fault()
+            self._apply(self.safety.step(self.measured, clock.now_ns()))
+        elif was == "fault" and self.reader.state == "ok":
+            self.safety.device_ok()
+            self._apply(self.safety.step(self.measured, clock.now_ns()))
 
     def _publish_state(self) -> None:
         applied = self.safety.last_applied
@@ -188,14 +206,19 @@ class FollowerLoop:
             torque=self.torque_on,
             rate_hz=self.config.rate_hz,
             overruns=self.ticker.overruns,
-            device_errors=self.device_errors,
+            device=self.reader.state,
+            device_errors=self.device_errors + self.reader.errors,
+            read_retries=self.reader.retries,
             control_ms=self.control_ms,  # smoothed leader read -> applied, for viewer pages
         )
 
     def _hold_on_exit(self) -> None:
         """On a clean stop the arm holds where it is rather than finishing its last motion."""
         if self.safety_state in ("ramping", "tracking"):
-            hold = dict(zip(self.keys, self._read(), strict=True))
+            measured = self.reader.read(1.0 / self.config.rate_hz)
+            if measured is None:
+                return  # unreadable: the goal registers keep the last approved goal
+            hold = dict(zip(self.keys, measured, strict=True))
             self._try(lambda: self.device.send_action(hold), "write")
 
     def _try(self, action, op: str) -> bool:

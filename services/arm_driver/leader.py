@@ -1,19 +1,20 @@
 """Leader role: read the leader arm at a fixed rate and publish `joints.leader`.
 
 The arm is read on every tick, never "only on change", so a frame lost downstream is repaired
-by the next one. Runs on its own thread; must never publish a value the device did not give
-(non-finite reads are dropped and counted).
+by the next one; a failed read is retried within the tick (device_io.py), and while the arm
+cannot be read nothing is published, so the follower's deadman holds it. Runs on its own thread;
+must never publish a value the device did not give (non-finite reads are dropped and counted).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from typing import Any
 
 from services import clock, metrics
 from services.arm_driver.config import DriverConfig
+from services.arm_driver.device_io import DeviceReader
 from services.arm_driver.devices import joint_keys
 from services.arm_driver.ticker import Ticker
 from services.bus import BusMap, JointFrame, Publisher
@@ -27,7 +28,7 @@ def run_leader(config: DriverConfig, device: Any, bus: BusMap, stop: threading.E
     publisher = Publisher(bus, config.process)
     health = HealthBeat(publisher, config.station, config.process)
     ticker = Ticker(config.rate_hz)
-    read_errors = 0
+    reader = DeviceReader(device.get_action, keys, config.fault_after_s, "leader")
     overruns = 0
     log.info("leader: publishing %d joints on joints.leader at %g Hz", len(keys), config.rate_hz)
     try:
@@ -36,26 +37,20 @@ def run_leader(config: DriverConfig, device: Any, bus: BusMap, stop: threading.E
             if ticker.overruns > overruns:
                 metrics.LOOP_OVERRUNS.labels(loop="leader").inc(ticker.overruns - overruns)
                 overruns = ticker.overruns
-            try:
-                action = device.get_action()
-                read_ns = clock.now_ns()
-                pos = tuple(float(action[key]) for key in keys)
-                if not all(math.isfinite(value) for value in pos):
-                    raise ValueError(f"non-finite reading {pos}")
-            except Exception as exc:  # a flaky serial read must not end the loop
-                read_errors += 1
-                metrics.DEVICE_ERRORS.labels(op="read").inc()
-                if read_errors == 1 or read_errors % 100 == 0:
-                    log.warning("leader read failed (%d so far): %s", read_errors, exc)
-                continue
-            frame = JointFrame(publisher.next_seq(), read_ns, config.station, pos)
-            publisher.send("joints.leader", frame)
+            pos = reader.read(ticker.budget_s())
+            if pos is not None:
+                # Dated when the read returned: a retried read is as fresh as its last attempt.
+                frame = JointFrame(publisher.next_seq(), clock.now_ns(), config.station, pos)
+                publisher.send("joints.leader", frame)
+            # Health goes out even while the arm cannot be read: that is when it matters.
             health.maybe_send(
                 role="leader",
-                state="reading",
+                state="reading" if reader.state != "fault" else "fault",
+                device=reader.state,
                 rate_hz=config.rate_hz,
                 overruns=ticker.overruns,
-                read_errors=read_errors,
+                read_errors=reader.errors,
+                read_retries=reader.retries,
             )
     finally:
         publisher.close()

@@ -22,6 +22,7 @@ REJECT_REASONS = (
     "not_newer",
     "other_source",
     "out_of_limits",
+    "device_fault",  # the arm cannot be read: nothing is applied until it can
 )
 
 
@@ -66,7 +67,7 @@ class SafetyConfig:
 @dataclass(frozen=True)
 class Step:
     goal: tuple[float, ...]
-    state: str  # "waiting", "ramping", "tracking", "stale" or "estop"
+    state: str  # "waiting", "ramping", "tracking", "stale", "estop" or "fault"
     applied: JointFrame | None  # the command this step applied for the first time, if any
     tripped: bool  # the deadman tripped on this step
 
@@ -85,6 +86,7 @@ class FollowerSafety:
         self._last_accept_ns: int | None = None
         self._last_step_ns: int | None = None
         self._estop = False
+        self._fault = False  # the arm cannot be read: hold the last goal, apply nothing
         self._lapsed = False  # the deadman expired with no step to notice it
 
     @property
@@ -96,6 +98,8 @@ class FollowerSafety:
         config = self.config
         if self._estop:
             return "estop"
+        if self._fault:
+            return "device_fault"
         age_ns = now_ns - command.t
         if age_ns > config.max_command_age_s * 1e9:
             return "too_old"
@@ -134,6 +138,12 @@ class FollowerSafety:
             if self.state != "estop":
                 self.goal = self._clip_to_limits(measured)
                 self.state = "estop"
+            return Step(self.goal, self.state, None, False)
+
+        if self._fault:
+            # The last goal, not a measurement: the arm cannot be read, and the last goal sent is
+            # within one step of where it was last seen.
+            self.state = "fault"
             return Step(self.goal, self.state, None, False)
 
         if self._last_accept_ns is None:
@@ -182,6 +192,21 @@ class FollowerSafety:
         self._estop = True
         self._fresh = None
         self._lapsed = False
+
+    def device_fault(self) -> None:
+        """The arm has failed every read for too long: hold the last goal and end the stream."""
+        self._fault = True
+        self._fresh = None
+        self._lapsed = False
+
+    def device_ok(self) -> None:
+        """Reads work again: like after a rearm, only a fresh command re-engages, with a ramp
+        from where the arm is then."""
+        if self._fault:
+            self._fault = False
+            self._target = None
+            self._last_accept_ns = None
+            self.state = "waiting"
 
     def rearm(self) -> None:
         """Clear a latched stop; the next fresh command starts a new ramp from where the arm is."""

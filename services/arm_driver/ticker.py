@@ -23,6 +23,13 @@ class Ticker:
         """Seconds until the next deadline (0 when it has passed)."""
         return max(0.0, self._next - self._clock())
 
+    def budget_s(self) -> float:
+        """Seconds left for work in the current tick: until the next deadline, or, once a
+        deadline is due and not yet advanced past, until the one after it."""
+        now = self._clock()
+        end = self._next + self.period_s if now >= self._next else self._next
+        return max(0.0, end - now)
+
     def due(self) -> bool:
         return self._clock() >= self._next
 

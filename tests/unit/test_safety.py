@@ -700,3 +700,40 @@ def test_invariants_hold_for_any_sequence(
                 assert step.state not in ("ramping", "tracking")
             accepted_since_step = dead_gap = False
             goal = step.goal
+
+
+# --- device fault: the arm cannot be read -----------------------------------------------------
+
+
+def test_device_fault_holds_the_last_goal_refuses_commands_and_reengages_with_a_ramp() -> None:
+    safety = tracking_at(REST, T0)
+    now = T0 + PERIOD
+    assert safety.offer(cmd(1, now, moved(REST, 0, 1.5)), now) is None
+    goal = safety.step(REST, now).goal
+    assert safety.offer(cmd(2, now, moved(REST, 0, 40.0)), now) is None  # pending at the fault
+    safety.device_fault()
+    assert safety.offer(cmd(3, now, moved(REST, 0, 40.0)), now) == "device_fault"
+    stale_reading = moved(REST, 1, 30.0)  # what the failing reads last said: not used
+    for _ in range(1, 40):  # well past the deadman: still fault, the same goal, never a trip
+        now += 10 * PERIOD
+        step = safety.step(stale_reading, now)
+        assert (step.state, step.goal, step.applied, step.tripped) == ("fault", goal, None, False)
+
+    safety.device_ok()
+    measured = moved(REST, 2, 5.0)
+    now += PERIOD
+    assert safety.step(measured, now).state == "waiting"  # the pending command did not return
+    assert safety.offer(cmd(0, now, moved(REST, 0, 60.0), src="restarted"), now) is None
+    step = safety.step(measured, now + PERIOD)
+    assert step.state == "ramping"
+    assert change(step.goal, measured) == pytest.approx(CONFIG.ramp_step)
+
+
+def test_estop_outranks_a_device_fault_and_device_ok_without_fault_does_nothing() -> None:
+    safety = tracking_at(REST, T0)
+    safety.device_ok()
+    assert safety.step(REST, T0 + PERIOD).state == "tracking"
+    safety.device_fault()
+    safety.latch_estop()
+    assert safety.offer(cmd(5, T0 + PERIOD, REST), T0 + PERIOD) == "estop"
+    assert safety.step(REST, T0 + 2 * PERIOD).state == "estop"
