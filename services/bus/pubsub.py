@@ -20,7 +20,7 @@ import zmq
 
 from services import clock, metrics
 from services.bus.config import BusConfigError, BusMap
-from services.bus.frames import Frame, FrameEncoder, FrameError, decode
+from services.bus.frames import REASONS, Frame, FrameEncoder, FrameError, decode
 
 log = logging.getLogger(__name__)
 HARD_CEILING_FACTOR = 16
@@ -137,6 +137,11 @@ class Subscriber:
         self._labels: set[str] = set()  # concrete topics seen under pattern topics (video.*)
         self._joint_count = joint_count
         self._drop_log = DropLog()
+        # Every (topic, reason) exported at 0: a series born at 1 hides the first bad frame
+        # from rate()/increase(), so a dashboard would show nothing for a real drop.
+        for topic in self._topics:
+            for reason in REASONS:
+                metrics.FRAMES_DROPPED.labels(stream=topic, reason=reason)
         self._socket = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._socket.setsockopt(zmq.RCVHWM, bus.recv_hwm if recv_hwm is None else recv_hwm)
         self._socket.setsockopt(zmq.LINGER, 0)

@@ -39,6 +39,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from services import clock, metrics
 from services.bus.frames import (
+    REASONS,
     FollowerFrame,
     FrameEncoder,
     FrameError,
@@ -128,6 +129,9 @@ class GatewayPeer:
         self._opened = asyncio.Event()
         self.state.on("open", self._opened.set)
         self.commands_dropped = 0
+        for stream in ("dc.cmd", "dc.state"):  # exported at 0, as the bus's streams are
+            for reason in REASONS:
+                metrics.FRAMES_DROPPED.labels(stream=stream, reason=reason)
         self.camera_tracks: dict[str, CameraTrack] = {}  # robot: camera -> outgoing track
         self.capture_times = CaptureTimes()  # teleop: capture times waiting for their frames
         self.video_latency_ns: deque[int] = deque(maxlen=VIDEO_LATENCY_MEMORY)
