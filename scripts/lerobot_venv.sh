@@ -47,6 +47,9 @@ if [ ! -f "$venv/.complete" ]; then
     echo "lerobot venv: building $venv (Python $pyver; LeRobot + torch, ~8 GB, a few minutes)" >&2
     start=$(date +%s)
     "$base_python" -m venv "$venv"
+    # An old bundled pip (Python 3.12.1 ships 23.2) skips LeRobot 0.5+ and settles for 0.4.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 \
+        | grep -v "is ignored: it is neither" >&2 || true
     mapfile -t reqs <<<"$requirements"
     log="$venv.log"
     set +e
