@@ -45,7 +45,6 @@ from services.webrtc_gateway.viewer import Viewer, ViewerState
 PROCESS = "gateway"
 EXIT_CONFIG = 78
 VIEWER_PORT = 8080
-FOLLOWER_BACK_HZ = 30.0  # the teleop's display and checks need no more
 
 
 def station_offset() -> int:
@@ -155,8 +154,6 @@ class Gateway:
         self.peer: GatewayPeer | None = None
         self.session: str | None = None
         self.said: dict[str, Any] | None = None  # our offer/answer for the current session
-        self.follower_sent_state: str | None = None
-        self.follower_next_s = 0.0
         self.tasks: set[asyncio.Task] = set()  # held so the loop cannot drop them mid-flight
         self.answer: asyncio.Future | None = None
         self.offer: asyncio.Future | None = None
@@ -219,7 +216,7 @@ class Gateway:
                 self.peer.send_command(frame)
             self.show(leader=list(frame.pos))
         elif topic == "joints.follower" and isinstance(frame, FollowerFrame):
-            if self.peer and self.follower_due(frame):
+            if self.peer:
                 self.peer.send_follower(frame)
             self.show(follower=list(frame.pos), follower_state=frame.state)
         elif topic == "health" and isinstance(frame, MessageFrame):
@@ -260,17 +257,6 @@ class Gateway:
             waiting = self.offer if event.get("kind") == "signal.offer" else self.answer
             if waiting is not None and not waiting.done():
                 waiting.set_result(event["sdp"])
-
-    def follower_due(self, frame: FollowerFrame) -> bool:
-        """Follower state goes back to the teleop at FOLLOWER_BACK_HZ, and at once on any change
-        of state (a hold or a stop must show without delay). Commands stay at the leader's
-        rate: halving the reliable channel's traffic halves each gateway's per-tick work."""
-        now = time.monotonic()
-        if frame.state != self.follower_sent_state or now >= self.follower_next_s:
-            self.follower_sent_state = frame.state
-            self.follower_next_s = now + 1.0 / FOLLOWER_BACK_HZ
-            return True
-        return False
 
     def is_open(self) -> bool:
         return self.peer is not None and self.peer.monitor is not None
