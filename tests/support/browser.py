@@ -51,9 +51,12 @@ class Chromium:
         if path is None:
             raise RuntimeError("chromium is not installed: run the README's setup as root")
         self.profile = tempfile.mkdtemp(prefix="rdv-chromium-")
+        # TMPDIR too: Chromium puts its singleton socket in a fresh /tmp/org.chromium.* dir
+        # that it never removes; inside the profile it goes when the profile goes.
+        env = {**os.environ, "TMPDIR": self.profile}
         self.process = subprocess.Popen(
             [path, *FLAGS, f"--user-data-dir={self.profile}", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=True,  # its own group: the zygote and renderers go with it
         )  # fmt: skip
         self.devtools_port = self._devtools_port()
