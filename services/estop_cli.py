@@ -57,7 +57,7 @@ def run(action: str, args: argparse.Namespace) -> int:
     try:
         bus = load_bus_map(run_dir=run_dir)
         publisher = Publisher(bus, PROCESS)
-    except (BusConfigError, OSError, Exception) as exc:  # zmq errors: another tool is running
+    except BusConfigError as exc:  # no bus map, or the control endpoint cannot be bound
         print(f"rdv {action}: cannot publish on {run_dir}: {exc}")
         return 1
     follower = Subscriber(bus, ["joints.follower"])

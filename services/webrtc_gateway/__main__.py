@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import statistics
 import sys
 import time
 from typing import Any
@@ -421,7 +422,6 @@ class Gateway:
         if self.viewer is None or peer is None or peer.monitor is None:
             return
         rtt = peer.monitor.rtt_ns
-        recent = sorted(list(peer.video_latency_ns)[-30:])
         now = time.monotonic()
         fps = dict(self.view.fps)
         for camera, count in self.viewer.frames.items():
@@ -431,8 +431,11 @@ class Gateway:
                 self.video_seen[camera] = (count, now)
         self.show(
             rtt_ms=None if rtt is None else rtt / 1e6,
-            video_ms={c: recent[len(recent) // 2] / 1e6 for c in peer.config.cameras} if recent
-            else {},
+            video_ms={
+                camera: statistics.median(recent) / 1e6
+                for camera, recent in peer.recent_video_latency_ns.items()
+                if recent
+            },
             fps=fps,
         )  # fmt: skip
 

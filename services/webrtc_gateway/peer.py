@@ -63,7 +63,8 @@ STATE_CHANNEL_ID = 1
 MAX_CHANNEL_MESSAGE = 4096  # the bus's frame cap: a joint frame is ~100 bytes
 MAX_NOTE = 100  # characters of who-stopped-it text carried with an e-stop
 TELEMETRY_KEYS = ("control_ms",)
-VIDEO_LATENCY_MEMORY = 10_000  # recent glass-to-glass samples kept for benchmarks and tests
+VIDEO_LATENCY_MEMORY = 10_000
+RECENT_VIDEO_FRAMES = 30  # recent glass-to-glass samples kept for benchmarks and tests
 
 
 def restrict_host_candidates(addresses: list[str]) -> None:
@@ -135,6 +136,9 @@ class GatewayPeer:
         self.camera_tracks: dict[str, CameraTrack] = {}  # robot: camera -> outgoing track
         self.capture_times = CaptureTimes()  # teleop: capture times waiting for their frames
         self.video_latency_ns: deque[int] = deque(maxlen=VIDEO_LATENCY_MEMORY)
+        self.recent_video_latency_ns: dict[str, deque[int]] = {
+            camera: deque(maxlen=RECENT_VIDEO_FRAMES) for camera in config.cameras
+        }  # the last second per camera, for the viewer page
         self._video_tasks: list[asyncio.Task] = []
         self._asked_video: list[tuple[RTCRtpTransceiver, str]] = []
         if config.initiator:
@@ -246,6 +250,8 @@ class GatewayPeer:
             return  # no clock offset yet: an age we cannot judge is not reported
         latency_ns = decoded_ns - captured
         self.video_latency_ns.append(latency_ns)
+        if camera in self.recent_video_latency_ns:
+            self.recent_video_latency_ns[camera].append(latency_ns)
         metrics.VIDEO_LATENCY.labels(camera=camera).observe(max(0.0, latency_ns / 1e9))
 
     # --- link health ------------------------------------------------------------------------
