@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=DEFAULT_METRICS_PORT,
-        help="serve /metrics on 127.0.0.1 at this port (default: %(default)s)",
+        default=DEFAULT_METRICS_PORT + int(os.environ.get("RDV_PORT_OFFSET") or 0),
+        help="serve /metrics on 127.0.0.1 at this port (default: %(default)s: 9799 plus "
+        "$RDV_PORT_OFFSET, where monitoring/prometheus.yml scrapes the demo's)",
     )
     parser.add_argument(
         "--config-dir",
