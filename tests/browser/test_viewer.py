@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 
 from services.bus import FollowerFrame, MessageFrame, Subscriber, load_bus_map
-from services.demo import prepare_demo_identities
 from tests.support.arm_checks import PERIOD_S, collect, wait_for_state
-from tests.support.broker import free_port
 from tests.support.browser import Chromium
+from tests.support.demo import demo_station, start_demo
 from tests.support.rendezvous import wait_until
 from tests.support.station import Station
 
@@ -39,13 +38,9 @@ SCHEDULING_SLACK_S = 0.1  # a loaded 2-core machine may run a process late by th
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Station]:
-    broker_port = free_port()
-    station = Station(
-        "demo.conf", env={"RDV_BROKER_PORT": str(broker_port), "RDV_MQTT_VERSION": "5"}
-    )
+    station = demo_station()
     try:
-        prepare_demo_identities(station.run_dir, f"mqtt://127.0.0.1:{broker_port}")
-        station.start([])
+        start_demo(station)
         yield station
     finally:
         station.stop()

@@ -41,6 +41,7 @@ from services.fleet_exporter import DEFAULT_METRICS_PORT
 from tests.support import grafana
 from tests.support.arm_checks import wait_for_state
 from tests.support.broker import free_port
+from tests.support.demo import STATION_PORT_SHIFT
 from tests.support.prometheus import (
     Prometheus,
     Results,
@@ -58,7 +59,7 @@ RDV = str(Path(sys.executable).parent / "rdv")
 DEMO_PROGRAMS = re.findall(
     r"^\[program:(\w+)\]", (REPO_ROOT / "deploy" / "demo.conf").read_text(), re.M
 )
-TELEOP_PORT_SHIFT = 100  # RDV_STATION_PORT_OFFSET of the teleop programs in deploy/demo.conf
+TELEOP_PORT_SHIFT = STATION_PORT_SHIFT["teleop"]  # the teleop programs of deploy/demo.conf
 # What monitoring/prometheus.yml scrapes in the demo: (job, station label) per target.
 EXPECTED_TARGETS = {
     ("rdv_follower_arm", "demo-robot"),
