@@ -173,11 +173,10 @@ class Gateway:
                 self.health.maybe_send(
                     role=self.role,
                     viewer=self.viewer.url if self.viewer else None,
-                    state="live" if self.peer and self.peer.monitor else "idle",
+                    state="live" if self.is_open() else "idle",
                     session=self.session,
-                    rtt_ms=None if not self.peer or not self.peer.monitor or
-                    self.peer.monitor.rtt_ns is None else self.peer.monitor.rtt_ns / 1e6,
-                )  # fmt: skip
+                    rtt_ms=self.rtt_ms(),
+                )
                 await asyncio.sleep(0.2)
         finally:
             loop.remove_reader(self.subscriber.fd)
@@ -230,15 +229,18 @@ class Gateway:
     def on_control(self, event: dict[str, Any]) -> None:
         name, session = event.get("event"), event.get("session")
         if name == "connect" and isinstance(session, str):
-            if session == self.session and self.said is not None and not self.is_open():
-                # A repeated connect while still connecting: the session manager may have
-                # missed our offer/answer (it restarted, or subscribed late). Say it again.
-                self.say(**self.said)
+            # A repeated connect while still connecting: the session manager may have missed our
+            # offer/answer (it restarted, or subscribed late). Say it again; `said` may be a
+            # superseded session's, set after this one began, so its session is checked.
+            said = self.said
+            repeat = session == self.session and said and said["session"] == session
+            if repeat and not self.is_open():
+                self.say(**said)
             if session != self.session:
                 # Set up synchronously: the peer's offer may be the very next bus frame.
                 old_peer, self.peer = self.peer, None
                 loop = asyncio.get_running_loop()
-                self.session = session
+                self.session, self.said = session, None
                 self.offer, self.answer = loop.create_future(), loop.create_future()
                 initiator = bool(event.get("initiator"))
                 cameras = self.cameras
@@ -261,6 +263,10 @@ class Gateway:
 
     def is_open(self) -> bool:
         return self.peer is not None and self.peer.monitor is not None
+
+    def rtt_ms(self) -> float | None:
+        monitor = self.peer.monitor if self.peer is not None else None
+        return None if monitor is None or monitor.rtt_ns is None else monitor.rtt_ns / 1e6
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -421,7 +427,6 @@ class Gateway:
         peer = self.peer
         if self.viewer is None or peer is None or peer.monitor is None:
             return
-        rtt = peer.monitor.rtt_ns
         now = time.monotonic()
         fps = dict(self.view.fps)
         for camera, count in self.viewer.frames.items():
@@ -430,7 +435,7 @@ class Gateway:
                 fps[camera] = (count - before) / (now - then)
                 self.video_seen[camera] = (count, now)
         self.show(
-            rtt_ms=None if rtt is None else rtt / 1e6,
+            rtt_ms=self.rtt_ms(),
             video_ms={
                 camera: statistics.median(recent) / 1e6
                 for camera, recent in peer.recent_video_latency_ns.items()
