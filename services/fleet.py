@@ -72,6 +72,16 @@ def format_table(rows: list[dict[str, Any]], owner: str) -> str:
 
 
 class FleetWatcher:
+    @classmethod
+    def from_flags(cls, identity: Any, args: Any) -> FleetWatcher:
+        """From the flags `rdv fleet` (and its exporter) take."""
+        return cls(
+            identity,
+            mqtt_version=args.mqtt_version,
+            interval_s=args.presence_interval,
+            skew_s=args.clock_skew,
+        )
+
     def __init__(self, identity: Any, *, mqtt_version: str, interval_s: float, skew_s: float):
         self.owner = identity.owner
         self.board = PresenceBoard(interval_s=interval_s, skew_s=skew_s)
@@ -143,12 +153,7 @@ class FleetWatcher:
 
 
 def run_fleet(args: Any, identity: Any) -> int:
-    watcher = FleetWatcher(
-        identity,
-        mqtt_version=args.mqtt_version,
-        interval_s=args.presence_interval,
-        skew_s=args.clock_skew,
-    )
+    watcher = FleetWatcher.from_flags(identity, args)
     try:
         watcher.start()
     except ConnectionError as exc:

@@ -134,12 +134,7 @@ def run_fleet_exporter(args: Any, identity: Any, *, stop: threading.Event | None
         where = f"127.0.0.1:{args.metrics_port}"
         print(f"rdv fleet: cannot serve metrics on {where}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    watcher = FleetWatcher(
-        identity,
-        mqtt_version=args.mqtt_version,
-        interval_s=args.presence_interval,
-        skew_s=args.clock_skew,
-    )
+    watcher = FleetWatcher.from_flags(identity, args)
     try:
         try:
             watcher.start()
